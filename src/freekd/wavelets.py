@@ -1,0 +1,320 @@
+"""Multi-level 2-D discrete wavelet transform of feature maps, matching PyWavelets.
+
+``dwt2`` on ``x: [N, C, H, W]`` returns ``(low, highs)``:
+
+* ``low: [N, C, H_J, W_J]`` the coarsest approximation band;
+* ``highs[j - 1]: [N, C, 3, h_j, w_j]`` the detail bands of level ``j = 1..J`` (finest first), the
+  orientations in PyWavelets' order and signs (``wavedec2``'s cH, cV, cD).
+
+Padding mode is PyWavelets' ``"zero"``: a level maps a side of ``n`` pixels to
+``floor((n + L - 1) / 2)`` coefficients for a filter of length ``L`` (``ceil(n / 2)`` for Haar), so
+every size >= 1 works at every level. ``idwt2`` is the exact inverse; like ``waverec2`` it returns
+the uncropped result (one pixel larger for odd sizes) unless ``size=(H, W)`` asks for a crop.
+
+Haar has a fast path made of strided slices, adds and reshapes, whose backward pass is the other
+transform (Haar with zero padding is orthogonal, so the adjoint of analysis is synthesis); other
+orthogonal wavelets from PyWavelets' filter banks run as grouped (transposed) convolutions.
+The transform is linear: ``dwt2(a - b) == dwt2(a) - dwt2(b)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["DWT2d", "IDWT2d", "WaveletBands", "band_sizes", "dwt2", "idwt2", "wavelet_filters"]
+
+WaveletBands = tuple[Tensor, list[Tensor]]
+"""``(low: [N, C, H_J, W_J], highs: list of [N, C, 3, h_j, w_j], finest first)``."""
+
+# Decomposition low-pass filters of orthogonal wavelets (PyWavelets' ``Wavelet(name).dec_lo``),
+# so that the core needs no PyWavelets at run time. Other orthogonal wavelets are looked up in
+# PyWavelets when it is installed. The high-pass filter follows from the quadrature-mirror rule.
+_DEC_LO: dict[str, tuple[float, ...]] = {
+    "haar": (0.7071067811865476, 0.7071067811865476),
+    "db1": (0.7071067811865476, 0.7071067811865476),
+    "db2": (
+        -0.12940952255126037,
+        0.2241438680420134,
+        0.8365163037378079,
+        0.48296291314453416,
+    ),
+    "db3": (
+        0.03522629188570953,
+        -0.08544127388202666,
+        -0.13501102001025458,
+        0.45987750211849154,
+        0.8068915093110925,
+        0.33267055295008263,
+    ),
+    "db4": (
+        -0.010597401785069032,
+        0.0328830116668852,
+        0.030841381835560764,
+        -0.18703481171909309,
+        -0.027983769416859854,
+        0.6308807679298589,
+        0.7148465705529157,
+        0.2303778133088965,
+    ),
+}
+_HAAR_NAMES = ("haar", "db1")
+
+
+@lru_cache(maxsize=None)
+def wavelet_filters(wavelet: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Decomposition filters ``(dec_lo, dec_hi)`` of an orthogonal wavelet, as PyWavelets has them.
+
+    Raises ``ValueError`` for an unknown or non-orthogonal wavelet, naming the ones that work.
+    """
+    if not isinstance(wavelet, str):
+        raise TypeError(f"wavelet must be a name such as 'haar' or 'db2', got {type(wavelet)!r}")
+    name = wavelet.lower()
+    dec_lo = _DEC_LO.get(name)
+    if dec_lo is None:
+        try:
+            import pywt
+        except ImportError:
+            pywt = None
+        if pywt is not None and name in pywt.wavelist(kind="discrete"):
+            w = pywt.Wavelet(name)
+            if not w.orthogonal:
+                raise ValueError(
+                    f"wavelet {wavelet!r} is not orthogonal; freekd needs an orthogonal wavelet "
+                    f"such as 'haar', 'db2' or 'sym4'"
+                )
+            dec_lo = tuple(float(v) for v in w.dec_lo)
+        else:
+            known = ", ".join(sorted(_DEC_LO))
+            more = "" if pywt is not None else " (install PyWavelets for the others: sym*, coif*)"
+            raise ValueError(
+                f"unknown wavelet {wavelet!r}; use one of {known}, or any orthogonal "
+                f"PyWavelets wavelet{more}"
+            )
+    length = len(dec_lo)
+    # Quadrature mirror: dec_hi[k] = (-1)^(k+1) * dec_lo[L-1-k] (PyWavelets' convention).
+    dec_hi = tuple(((-1) ** (k + 1)) * dec_lo[length - 1 - k] for k in range(length))
+    return dec_lo, dec_hi
+
+
+def _is_haar(wavelet: str) -> bool:
+    return isinstance(wavelet, str) and wavelet.lower() in _HAAR_NAMES
+
+
+def band_sizes(size: tuple[int, int], levels: int, wavelet: str = "haar") -> list[tuple[int, int]]:
+    """Sizes ``(h_j, w_j)`` of the bands of levels ``1..J`` for a map of ``size=(H, W)``.
+
+    Same as PyWavelets' ``dwt_coeff_len(n, filter_len, "zero")`` applied level by level.
+    """
+    length = len(wavelet_filters(wavelet)[0])
+    sizes, (h, w) = [], size
+    for _ in range(levels):
+        h, w = (h + length - 1) // 2, (w + length - 1) // 2
+        sizes.append((h, w))
+    return sizes
+
+
+# --------------------------------------------------------------------------------------------
+# Haar fast path: one level, with hand-written adjoints as backward passes.
+
+
+def _haar_analysis(x: Tensor) -> Tensor:
+    """One Haar level. ``x: [N, C, H, W]`` -> ``[N, C, 4, ceil(H/2), ceil(W/2)]`` (LL, cH, cV, cD)."""
+    height, width = x.shape[-2:]
+    if height % 2 or width % 2:
+        x = F.pad(x, (0, width % 2, 0, height % 2))
+    top, bottom = x[..., 0::2, :], x[..., 1::2, :]
+    row_sum, row_diff = top + bottom, top - bottom  # approximation / detail along H
+    half = 0.5
+    ll = (row_sum[..., 0::2] + row_sum[..., 1::2]) * half
+    lh = (row_diff[..., 0::2] + row_diff[..., 1::2]) * half  # cH: detail along H, approx along W
+    hl = (row_sum[..., 0::2] - row_sum[..., 1::2]) * half  # cV: approx along H, detail along W
+    hh = (row_diff[..., 0::2] - row_diff[..., 1::2]) * half  # cD
+    return torch.stack((ll, lh, hl, hh), dim=2)
+
+
+def _haar_synthesis(bands: Tensor) -> Tensor:
+    """Inverse of one Haar level. ``bands: [N, C, 4, h, w]`` -> ``[N, C, 2h, 2w]``."""
+    ll, lh, hl, hh = bands.unbind(dim=2)
+    half = 0.5
+    # Undo the W step for the H-approximation (row_sum) and H-detail (row_diff) halves.
+    sum_even, sum_odd = (ll + hl) * half, (ll - hl) * half
+    diff_even, diff_odd = (lh + hh) * half, (lh - hh) * half
+    row_sum = torch.stack((sum_even, sum_odd), dim=-1).flatten(-2)  # [N, C, h, 2w]
+    row_diff = torch.stack((diff_even, diff_odd), dim=-1).flatten(-2)
+    top, bottom = row_sum + row_diff, row_sum - row_diff
+    return torch.stack((top, bottom), dim=-2).flatten(-3, -2)  # [N, C, 2h, 2w]
+
+
+class _HaarAnalysis(torch.autograd.Function):
+    """Haar analysis whose backward is synthesis (its adjoint), twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.size = tuple(x.shape[-2:])
+        return _haar_analysis(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        height, width = ctx.size
+        return _HaarSynthesis.apply(grad)[..., :height, :width]
+
+
+class _HaarSynthesis(torch.autograd.Function):
+    """Haar synthesis whose backward is analysis (its adjoint), twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, bands: Tensor) -> Tensor:
+        return _haar_synthesis(bands)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _HaarAnalysis.apply(grad)
+
+
+# --------------------------------------------------------------------------------------------
+# Filter-bank path for any orthogonal wavelet: grouped (transposed) convolutions.
+
+
+def _band_kernels(wavelet: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The four separable 2-D analysis kernels ``[4, 1, L, L]`` (LL, cH, cV, cD), flipped for
+    ``conv2d`` (a cross-correlation) so that the result is PyWavelets' convolution."""
+    dec_lo, dec_hi = wavelet_filters(wavelet)
+    lo = torch.tensor(dec_lo[::-1], dtype=torch.float64)
+    hi = torch.tensor(dec_hi[::-1], dtype=torch.float64)
+    # First factor: filter along H; second: along W. cH = detail along H, approximation along W.
+    pairs = ((lo, lo), (hi, lo), (lo, hi), (hi, hi))
+    kernels = torch.stack([torch.outer(a, b) for a, b in pairs]).unsqueeze(1)
+    return kernels.to(dtype=dtype, device=device)
+
+
+def _conv_analysis(x: Tensor, wavelet: str) -> Tensor:
+    """One filter-bank level. ``x: [N, C, H, W]`` -> ``[N, C, 4, h, w]``, ``h = (H + L - 1) // 2``."""
+    batch, channels = x.shape[:2]
+    kernels = _band_kernels(wavelet, x.dtype, x.device)
+    length = kernels.shape[-1]
+    # PyWavelets keeps every output that can be non-zero: L - 2 zeros before, L - 1 after.
+    padded = F.pad(x, (length - 2, length - 1, length - 2, length - 1))
+    out = F.conv2d(padded, kernels.repeat(channels, 1, 1, 1), stride=2, groups=channels)
+    return out.view(batch, channels, 4, *out.shape[-2:])
+
+
+def _conv_synthesis(bands: Tensor, wavelet: str) -> Tensor:
+    """Inverse of one filter-bank level. ``[N, C, 4, h, w]`` -> ``[N, C, 2h - L + 2, 2w - L + 2]``."""
+    batch, channels, _, height, width = bands.shape
+    kernels = _band_kernels(wavelet, bands.dtype, bands.device)
+    length = kernels.shape[-1]
+    return F.conv_transpose2d(
+        bands.reshape(batch, channels * 4, height, width),
+        kernels.repeat(channels, 1, 1, 1),
+        stride=2,
+        padding=length - 2,
+        groups=channels,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions.
+
+
+def _check_levels(levels: int) -> None:
+    if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
+        raise ValueError(f"levels must be an integer >= 1, got {levels!r}")
+
+
+def dwt2(x: Tensor, levels: int = 3, wavelet: str = "haar") -> WaveletBands:
+    """Multi-level 2-D DWT of ``x: [N, C, H, W]`` (PyWavelets' ``wavedec2``, mode ``"zero"``).
+
+    Returns ``(low, highs)``: ``low: [N, C, H_J, W_J]``; ``highs[j - 1]: [N, C, 3, h_j, w_j]`` for
+    levels ``j = 1..levels``, finest first, orientations (cH, cV, cD). Differentiable; any float
+    dtype; bands keep ``x``'s dtype and device.
+    """
+    _check_levels(levels)
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"dwt2 expects a 4-D tensor [N, C, H, W], got {shape}")
+    if not x.is_floating_point():
+        raise TypeError(f"dwt2 expects a floating-point tensor, got {x.dtype}")
+    haar = _is_haar(wavelet)
+    if not haar:
+        wavelet_filters(wavelet)  # validate the name before any work
+    highs: list[Tensor] = []
+    low = x
+    for _ in range(levels):
+        bands = _HaarAnalysis.apply(low) if haar else _conv_analysis(low, wavelet)
+        low = bands[:, :, 0]
+        highs.append(bands[:, :, 1:])
+    return low, highs
+
+
+def idwt2(
+    bands: WaveletBands, wavelet: str = "haar", size: Sequence[int] | None = None
+) -> Tensor:
+    """Inverse of :func:`dwt2`: ``(low, highs)`` -> ``[N, C, H', W']``.
+
+    Like PyWavelets' ``waverec2``, an intermediate approximation one pixel larger than the next
+    detail band is cropped to it, and the result is returned uncropped (``H' >= H``) unless
+    ``size=(H, W)`` is given.
+    """
+    low, highs = bands
+    if len(highs) == 0:
+        raise ValueError("idwt2 needs at least one level of detail bands")
+    haar = _is_haar(wavelet)
+    for detail in reversed(highs):
+        if detail.dim() != 5 or detail.shape[2] != 3:
+            raise ValueError(
+                f"detail bands must be [N, C, 3, h, w], got {tuple(detail.shape)}"
+            )
+        height, width = detail.shape[-2:]
+        if low.shape[-2] < height or low.shape[-1] < width or low.shape[:2] != detail.shape[:2]:
+            raise ValueError(
+                f"approximation {tuple(low.shape)} does not fit detail bands "
+                f"{tuple(detail.shape)}: pass the pair that dwt2 returned"
+            )
+        low = low[..., :height, :width]
+        stacked = torch.cat((low.unsqueeze(2), detail), dim=2)
+        low = _HaarSynthesis.apply(stacked) if haar else _conv_synthesis(stacked, wavelet)
+    if size is not None:
+        height, width = size
+        if height > low.shape[-2] or width > low.shape[-1]:
+            raise ValueError(
+                f"size {tuple(size)} is larger than the reconstruction {tuple(low.shape[-2:])}"
+            )
+        low = low[..., :height, :width]
+    return low
+
+
+class DWT2d(nn.Module):
+    """Module form of :func:`dwt2` (no parameters)."""
+
+    def __init__(self, levels: int = 3, wavelet: str = "haar") -> None:
+        super().__init__()
+        _check_levels(levels)
+        wavelet_filters(wavelet)
+        self.levels, self.wavelet = levels, wavelet
+
+    def forward(self, x: Tensor) -> WaveletBands:
+        return dwt2(x, self.levels, self.wavelet)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, wavelet={self.wavelet!r}"
+
+
+class IDWT2d(nn.Module):
+    """Module form of :func:`idwt2` (no parameters)."""
+
+    def __init__(self, wavelet: str = "haar") -> None:
+        super().__init__()
+        wavelet_filters(wavelet)
+        self.wavelet = wavelet
+
+    def forward(self, bands: WaveletBands, size: Sequence[int] | None = None) -> Tensor:
+        return idwt2(bands, self.wavelet, size)
+
+    def extra_repr(self) -> str:
+        return f"wavelet={self.wavelet!r}"
+
