@@ -1,0 +1,113 @@
+"""Position-aware relational channel weight (the paper's relational term; absent from the official code).
+
+For a feature ``F: [N, C, h, w]`` and the next (coarser) feature ``F_next`` resized to ``F``'s grid
+(``psi(F)``; ``F`` itself when there is no next layer or its channels differ):
+
+    A = softmax(psi(F) F^T / sqrt(h w), dim=-1): [N, C, C]
+    omega = C * (mean over rows of A): [N, C]      (mean 1 over channels: each row sums to 1)
+
+:class:`RelationalGate` combines the teacher's and the projected student's weights,
+``omega = normalise(omega_t * omega_s)`` to mean 1 over channels, under ``no_grad``. The optional
+learned gate (``gate="mlp"``) multiplies that by ``2 * sigmoid(MLP(omega))``, whose last layer
+starts at zero so that training starts from the parameter-free weight; its output is normalised the
+same way and it is trained with the student.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import check_choice, check_positive_int
+
+__all__ = ["GATES", "RelationalGate", "normalise_channel_weight", "relational_weight"]
+
+Gate = Literal["parameter-free", "mlp"]
+GATES: tuple[str, ...] = ("parameter-free", "mlp")
+
+
+def relational_weight(feature: Tensor, next_feature: Tensor | None = None) -> Tensor:
+    """Parameter-free channel weight ``C * mean over rows of A``: ``[N, C]``, mean 1 over channels.
+
+    Args:
+        feature: ``F: [N, C, h, w]``.
+        next_feature: ``F_next: [N, C', h', w']``, resized (bilinear) to ``F``'s grid when given
+            with ``C' == C``; otherwise ``F`` relates to itself.
+    """
+    height, width = feature.shape[-2:]
+    if next_feature is None or next_feature.shape[1] != feature.shape[1]:
+        context, pixels = feature, feature
+    elif next_feature.shape[-2:] != feature.shape[-2:]:
+        # psi(F) F^T = (U F_next) F^T = F_next (U^T F)^T for the bilinear upsampling U: pulling F
+        # back to the coarse grid costs one pass over F and makes the product 4x cheaper for a
+        # pyramid, with no full-size upsampled map.
+        context, pixels = next_feature, _upsample_adjoint(feature, next_feature.shape[-2:])
+    else:
+        context, pixels = next_feature, feature
+    logits = context.flatten(2) @ pixels.flatten(2).transpose(1, 2)  # [N, C, C]
+    relation = torch.softmax(logits / math.sqrt(height * width), dim=-1)
+    return relation.sum(dim=1)  # C * mean over rows
+
+
+def _upsample_adjoint(feature: Tensor, coarse_size: torch.Size) -> Tensor:
+    """``U^T F`` for the bilinear upsampling ``U`` from ``coarse_size`` to ``F``'s grid (the
+    gradient of ``F.interpolate`` with respect to its input): ``[N, C, H, W]`` -> ``[N, C, h, w]``."""
+    return torch.ops.aten.upsample_bilinear2d_backward(
+        feature,
+        output_size=list(feature.shape[-2:]),
+        input_size=[*feature.shape[:2], *coarse_size],
+        align_corners=False,
+    )
+
+
+def normalise_channel_weight(weight: Tensor, eps: float = 1e-12) -> Tensor:
+    """Scale ``weight: [N, C]`` (non-negative) to mean 1 over channels."""
+    return weight / weight.mean(dim=1, keepdim=True).clamp_min(eps)
+
+
+class RelationalGate(nn.Module):
+    """Channel weights ``omega: [N, C]`` (mean 1 over channels) for one distilled layer.
+
+    ``gate="parameter-free"`` (default) has no parameters; ``gate="mlp"`` adds a small learned
+    MLP (``C -> C // reduction -> C``), trained with the student and not part of it.
+    """
+
+    def __init__(self, channels: int, gate: Gate = "parameter-free", reduction: int = 4) -> None:
+        super().__init__()
+        check_positive_int("channels", channels)
+        check_positive_int("reduction", reduction)
+        check_choice("gate", gate, GATES)
+        self.channels, self.gate = channels, gate
+        self.mlp: nn.Sequential | None = None
+        if gate == "mlp":
+            hidden = max(1, channels // reduction)
+            self.mlp = nn.Sequential(
+                nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels)
+            )
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(
+        self,
+        teacher: Tensor,
+        student: Tensor,
+        teacher_next: Tensor | None = None,
+        student_next: Tensor | None = None,
+    ) -> Tensor:
+        """``teacher``, ``student: [N, C, h, w]`` (student already projected), and the next
+        (coarser) layer of each or ``None`` -> ``omega: [N, C]``, mean 1 over channels.
+        Gradients reach only the MLP's parameters, never the features."""
+        with torch.no_grad():
+            omega = normalise_channel_weight(
+                relational_weight(teacher, teacher_next) * relational_weight(student, student_next)
+            )
+        if self.mlp is None:
+            return omega
+        return normalise_channel_weight(omega * 2 * torch.sigmoid(self.mlp(omega)))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, gate={self.gate!r}"
