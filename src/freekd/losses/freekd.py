@@ -75,6 +75,11 @@ class _MaskedBandL1(torch.autograd.Function):
         return None, diff.sign().mul_(mask_mean).mul_(scale), None
 
 
+def _upcast(feature: Tensor) -> Tensor:
+    """Half-precision features to float32 (the masks' logits and the sums need the range)."""
+    return feature if feature.dtype == torch.float64 else feature.float()
+
+
 def _masked_band_l1(teacher: Tensor, student: Tensor, mask_mean: Tensor, omega: Tensor | None):
     """``mean over [N, C, *band] of omega * mask_mean * |teacher - student|`` (scalar)."""
     per_channel = _MaskedBandL1.apply(teacher, student, mask_mean)
@@ -214,13 +219,13 @@ class FreeKDLoss(nn.Module):
     def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
         """``student_feats``, ``teacher_feats``: lists of ``[N, C_i, H_i, W_i]``, fine to coarse,
         the student's already projected to the teacher's shape. Returns the weighted scalar sum
-        over layers (float32, also under autocast)."""
+        over layers, computed in float32 (float64 for float64 input), also under autocast."""
         self._check_features(student_feats, teacher_feats)
         self._warn_if_untuned()
         device_type = teacher_feats[0].device.type
         with torch.autocast(device_type=device_type, enabled=False):
-            teacher = [t.detach().float() for t in teacher_feats]
-            student = [s.float() for s in student_feats]
+            teacher = [_upcast(t.detach()) for t in teacher_feats]
+            student = [_upcast(s) for s in student_feats]
             terms = [self.layer_loss(i, student, teacher) for i in range(len(teacher))]
         total = torch.stack(terms).sum() * self.loss_weight
         self.last_terms = {f"layer{i}": t.detach() * self.loss_weight for i, t in enumerate(terms)}
