@@ -1,0 +1,72 @@
+"""Relational channel weight against a direct formulation and a hand-computed case."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from naive_freekd import naive_channel_weight, naive_relational_weight
+
+from freekd import RelationalGate
+from freekd.relation import relational_weight
+
+
+def feature(shape, seed, channels=6):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(2, channels, *shape, dtype=torch.float64, generator=generator)
+
+
+def test_hand_computed_single_pixel_case():
+    f = torch.tensor([1.0, 0.0], dtype=torch.float64).view(1, 2, 1, 1)
+    e = math.e
+    # logits = F F^T = [[1, 0], [0, 0]]; rows of A: [e, 1] / (e + 1) and [1/2, 1/2]; column sums.
+    expected = torch.tensor([[e / (e + 1) + 0.5, 1 / (e + 1) + 0.5]], dtype=torch.float64)
+    torch.testing.assert_close(relational_weight(f), expected)
+
+
+@pytest.mark.parametrize(
+    ("next_shape", "next_channels"),
+    [((7, 11), 6), ((13, 21), 6), ((7, 11), 4), (None, None)],
+    ids=["coarser-next", "same-grid-next", "other-channels", "no-next"],
+)
+def test_relational_weight_equals_the_direct_formula(next_shape, next_channels):
+    f = feature((13, 21), seed=0)
+    nxt = None if next_shape is None else feature(next_shape, seed=1, channels=next_channels)
+    got = relational_weight(f, nxt)
+    torch.testing.assert_close(got, naive_relational_weight(f, nxt))
+    torch.testing.assert_close(got.mean(dim=1), torch.ones(2, dtype=torch.float64))
+
+
+def test_gate_combines_teacher_and_student_with_mean_one_and_no_feature_gradient():
+    teacher, student = feature((9, 10), 0), feature((9, 10), 1).requires_grad_(True)
+    teacher_next, student_next = feature((5, 5), 2), feature((5, 5), 3)
+    omega = RelationalGate(6)(teacher, student, teacher_next, student_next)
+    torch.testing.assert_close(
+        omega, naive_channel_weight(teacher, student, teacher_next, student_next)
+    )
+    torch.testing.assert_close(omega.mean(1), torch.ones(2, dtype=torch.float64))
+    assert not omega.requires_grad and list(RelationalGate(6).parameters()) == []
+
+
+def test_mlp_gate_starts_at_the_parameter_free_weight_and_learns():
+    teacher, student = feature((9, 10), 0), feature((9, 10), 1)
+    gate = RelationalGate(6, gate="mlp").double()
+    omega = gate(teacher, student)
+    torch.testing.assert_close(omega, RelationalGate(6)(teacher, student))
+    # A gradient that rewards channel 0 must move the weights toward it.
+    optimiser = torch.optim.SGD(gate.parameters(), lr=1.0)
+    for _ in range(20):
+        optimiser.zero_grad()
+        (-gate(teacher, student)[:, 0].mean()).backward()
+        optimiser.step()
+    trained = gate(teacher, student)
+    assert (trained[:, 0] > omega[:, 0]).all()
+    torch.testing.assert_close(trained.mean(1), torch.ones(2, dtype=torch.float64))
+
+
+def test_bad_gate_settings_are_refused():
+    with pytest.raises(ValueError, match="gate"):
+        RelationalGate(6, gate="transformer")
+    with pytest.raises(ValueError, match="channels"):
+        RelationalGate(0)
