@@ -93,7 +93,9 @@ def naive_layer_loss(
     num_tokens = tokens.shape[1]
     coeffs_t = naive_wavedec2(teacher, wavelet, levels)
     coeffs_s = naive_wavedec2(student, wavelet, levels)
-    weight = torch.ones(n, c, 1, 1, dtype=teacher.dtype) if omega is None else omega[..., None, None]
+    weight = (
+        torch.ones(n, c, 1, 1, dtype=teacher.dtype) if omega is None else omega[..., None, None]
+    )
     per_level = 3 if granularity == "band" else 1
     total = teacher.new_zeros(())
     for level in range(1, levels + 1):
@@ -116,7 +118,9 @@ def naive_layer_loss(
         low_sum = teacher.new_zeros(())
         for t in range(num_tokens):
             mask = naive_token_mask(tokens[0, t], low_t)
-            low_sum = low_sum + (weight * (mask[:, None] * low_t - mask[:, None] * low_s).abs()).sum()
+            low_sum = (
+                low_sum + (weight * (mask[:, None] * low_t - mask[:, None] * low_s).abs()).sum()
+            )
         h, w = low_t.shape[-2:]
         total = total + low_sum / (n * num_tokens * c * h * w)
     return total

@@ -36,7 +36,10 @@ def randomise_prompts(loss: FreeKDLoss, std: float = 0.5, seed: int = 1) -> None
 def test_loss_and_gradient_equal_naive_per_token_formulation(granularity, include_low, relational):
     teacher, student = pyramid(seed=0), pyramid(seed=1, grad=True)
     loss_fn = FreeKDLoss(
-        [6, 6, 6], num_prompts=3, granularity=granularity, include_low=include_low,
+        [6, 6, 6],
+        num_prompts=3,
+        granularity=granularity,
+        include_low=include_low,
         relational=relational,
     ).double()
     randomise_prompts(loss_fn)
@@ -137,7 +140,9 @@ def test_presets_configure_the_paper_and_the_official_loss():
     assert paper.prompts[0].tokens.shape == (1 + 3 * 3, 2, 8)
     official = FreeKDLoss.preset("official", [8, 16])
     assert (official.num_prompts, official.granularity, official.dissimilarity) == (
-        6, "level", "dice",
+        6,
+        "level",
+        "dice",
     )
     assert not official.relational and not official.include_low
     assert official.prompts[1].tokens.shape == (4, 6, 16)

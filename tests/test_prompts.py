@@ -61,8 +61,7 @@ def test_mask_bands_multiplies_each_band_by_the_sum_of_its_token_masks(granulari
         for o in range(3):
             mask_index = 0 if granularity == "level" else o
             expected = sum(
-                high_masks[level][:, t, mask_index].unsqueeze(1) * detail[:, :, o]
-                for t in range(3)
+                high_masks[level][:, t, mask_index].unsqueeze(1) * detail[:, :, o] for t in range(3)
             )
             torch.testing.assert_close(masked_highs[level][:, :, o], expected)
 

@@ -1,13 +1,15 @@
 """Frequency prompts: learnable tokens that mark the pixels of interest in each wavelet band.
 
-For one distilled layer with ``C`` channels, a :class:`FrequencyPrompt` holds ``T`` tokens for each
-*group* of bands, ``tokens: [G, T, C]``, in this order: the low band, then the detail bands of levels
-``1..J`` finest first. With ``granularity="level"`` (the official code) a level is one group whose
-mask is computed from the sum of its three orientations and shared by them (``k = 1``); with
-``granularity="band"`` (the paper's wording) each orientation is its own group (``k = 3``). So
-``G = 1 + J * k``; the official checkpoint's ``[4, T, C]`` is ``"level"`` granularity with ``J = 3``.
+For one distilled layer with ``C`` channels, a :class:`FrequencyPrompt` holds ``T`` tokens for
+each *group* of bands, ``tokens: [G, T, C]``, in this order: the low band, then the detail bands
+of levels ``1..J`` finest first. With ``granularity="level"`` (the official code) a level is one
+group whose mask is computed from the sum of its three orientations and shared by them
+(``k = 1``); with ``granularity="band"`` (the paper's wording) each orientation is its own group
+(``k = 3``). So ``G = 1 + J * k``; the official checkpoint's ``[4, T, C]`` is ``"level"``
+granularity with ``J = 3``.
 
-A group's masks for teacher band pixels ``R: [N, C, h * w]`` are ``sigmoid(P_g @ R): [N, T, h, w]``.
+A group's masks for teacher band pixels ``R: [N, C, h * w]`` are
+``sigmoid(P_g @ R): [N, T, h, w]``.
 """
 
 from __future__ import annotations
@@ -130,7 +132,9 @@ class FrequencyPrompt(nn.Module):
         for level, detail in enumerate(highs, start=1):
             if self.granularity == "level":
                 detail = detail.sum(dim=2, keepdim=True)  # [N, C, 1, h, w]
-            logits = torch.einsum("ktc,nckhw->ntkhw", self.level_tokens(level).to(low.dtype), detail)
+            logits = torch.einsum(
+                "ktc,nckhw->ntkhw", self.level_tokens(level).to(low.dtype), detail
+            )
             high_masks.append(logits.sigmoid())
         return low_masks, high_masks
 
@@ -142,7 +146,9 @@ class FrequencyPrompt(nn.Module):
         low, highs = bands
         low_masks, high_masks = self.masks(bands) if masks is None else masks
         if low_masks is None:
-            raise ValueError("mask_bands needs masks of the low band: compute them with include_low")
+            raise ValueError(
+                "mask_bands needs masks of the low band: compute them with include_low"
+            )
         masked_low = low * low_masks.sum(dim=1)  # [N, C, h, w] * [N, 1, h, w]
         masked_highs = [
             detail * mask.sum(dim=1, keepdim=True)  # [N, C, 3, h, w] * [N, 1, k, h, w]

@@ -1,4 +1,4 @@
-"""Position-aware relational channel weight (the paper's relational term; absent from the official code).
+"""Position-aware relational channel weight (the paper's term; absent from the official code).
 
 For a feature ``F: [N, C, h, w]`` and the next (coarser) feature ``F_next`` resized to ``F``'s grid
 (``psi(F)``; ``F`` itself when there is no next layer or its channels differ):
@@ -19,7 +19,6 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_choice, check_positive_int
@@ -55,7 +54,10 @@ def relational_weight(feature: Tensor, next_feature: Tensor | None = None) -> Te
 
 def _upsample_adjoint(feature: Tensor, coarse_size: torch.Size) -> Tensor:
     """``U^T F`` for the bilinear upsampling ``U`` from ``coarse_size`` to ``F``'s grid (the
-    gradient of ``F.interpolate`` with respect to its input): ``[N, C, H, W]`` -> ``[N, C, h, w]``."""
+    gradient of ``F.interpolate`` with respect to its input).
+
+    ``[N, C, H, W]`` -> ``[N, C, h, w]``.
+    """
     return torch.ops.aten.upsample_bilinear2d_backward(
         feature,
         output_size=list(feature.shape[-2:]),

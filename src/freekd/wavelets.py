@@ -20,7 +20,7 @@ The transform is linear: ``dwt2(a - b) == dwt2(a) - dwt2(b)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,7 @@ _DEC_LO: dict[str, tuple[float, ...]] = {
 _HAAR_NAMES = ("haar", "db1")
 
 
-@lru_cache(maxsize=None)
+@cache
 def wavelet_filters(wavelet: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Decomposition filters ``(dec_lo, dec_hi)`` of an orthogonal wavelet, as PyWavelets has them.
 
@@ -269,9 +269,7 @@ def dwt2(x: Tensor, levels: int = 3, wavelet: str = "haar") -> WaveletBands:
     return low, highs
 
 
-def idwt2(
-    bands: WaveletBands, wavelet: str = "haar", size: Sequence[int] | None = None
-) -> Tensor:
+def idwt2(bands: WaveletBands, wavelet: str = "haar", size: Sequence[int] | None = None) -> Tensor:
     """Inverse of :func:`dwt2`: ``(low, highs)`` -> ``[N, C, H', W']``.
 
     Like PyWavelets' ``waverec2``, an intermediate approximation one pixel larger than the next
@@ -284,9 +282,7 @@ def idwt2(
     haar = _is_haar(wavelet)
     for detail in reversed(highs):
         if detail.dim() != 5 or detail.shape[2] != 3:
-            raise ValueError(
-                f"detail bands must be [N, C, 3, h, w], got {tuple(detail.shape)}"
-            )
+            raise ValueError(f"detail bands must be [N, C, 3, h, w], got {tuple(detail.shape)}")
         height, width = detail.shape[-2:]
         if low.shape[-2] < height or low.shape[-1] < width or low.shape[:2] != detail.shape[:2]:
             raise ValueError(
@@ -334,4 +330,3 @@ class IDWT2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"wavelet={self.wavelet!r}"
-

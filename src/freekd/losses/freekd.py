@@ -3,8 +3,9 @@
 At one layer, with teacher feature ``F_t`` and (projected) student feature ``F_s``, both
 ``[N, C, H, W]``, ``D = dwt2(F_t - F_s)``, computed as ``dwt2(F_t) - dwt2(F_s)`` (the transform is
 linear; the teacher's bands are needed for the masks anyway, so the student's is the one
-differentiable transform and no full-size difference map is made), the masks ``M_j: [N, T, k, h_j, w_j]`` come from the teacher's
-bands under ``no_grad`` and ``Mbar_j`` is their mean over the ``T`` tokens:
+differentiable transform and no full-size difference map is made). The masks
+``M_j: [N, T, k, h_j, w_j]`` come from the teacher's bands under ``no_grad`` and ``Mbar_j`` is
+their mean over the ``T`` tokens:
 
     L = sum_j mean over [N, C, 3, h_j, w_j] of (omega * Mbar_j * |D_j|)
         (+ the same mean over [N, C, h_J, w_J] for the low band when ``include_low``)
@@ -36,12 +37,18 @@ logger = logging.getLogger("freekd")
 PRESETS: dict[str, dict[str, object]] = {
     # The paper: T = 2 prompts, Jaccard dissimilarity, one prompt group per band, relational on.
     "paper": dict(
-        num_prompts=2, granularity="band", dissimilarity="jaccard", relational=True,
+        num_prompts=2,
+        granularity="band",
+        dissimilarity="jaccard",
+        relational=True,
         include_low=False,
     ),
     # The official release's loss: T = 6, Dice, one group per level, no relational term or low band.
     "official": dict(
-        num_prompts=6, granularity="level", dissimilarity="dice", relational=False,
+        num_prompts=6,
+        granularity="level",
+        dissimilarity="dice",
+        relational=False,
         include_low=False,
     ),
 }
@@ -175,10 +182,13 @@ class FreeKDLoss(nn.Module):
         return loss
 
     def load_official_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
-        """Load prompts tuned with the official code (keys ending in ``mask_modules.{i}.mask_token``,
-        each ``[4, T, C]``: the low band, then levels 1-3 finest first; an optional ``state_dict``
-        wrapper and any key prefix; other keys ignored). Refuses a different layer count, ``T`` or
-        channel count, naming both. Needs ``granularity="level"`` and ``levels=3``."""
+        """Load prompts tuned with the official code.
+
+        Reads the keys ending in ``mask_modules.{i}.mask_token``, each ``[4, T, C]``: the low band,
+        then levels 1-3 finest first. An optional ``state_dict`` wrapper and any key prefix are
+        accepted, other keys ignored. Refuses a different layer count, ``T`` or channel count,
+        naming both. Needs ``granularity="level"`` and ``levels=3``.
+        """
         if self.granularity != "level" or self.levels != 3:
             raise ValueError(
                 f"official prompts are one group per level over 3 levels; this loss has "
@@ -231,7 +241,9 @@ class FreeKDLoss(nn.Module):
         self.last_terms = {f"layer{i}": t.detach() * self.loss_weight for i, t in enumerate(terms)}
         return total
 
-    def layer_loss(self, index: int, student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+    def layer_loss(
+        self, index: int, student: Sequence[Tensor], teacher: Sequence[Tensor]
+    ) -> Tensor:
         """Unweighted term of layer ``index`` (float32 features of all layers, for the relational
         term's next layer)."""
         teacher_feat, student_feat = teacher[index], student[index]
@@ -319,7 +331,9 @@ class FreeKDLoss(nn.Module):
 def _official_tokens(state_dict: Mapping[str, Tensor]) -> list[Tensor]:
     """The ``[4, T, C]`` prompt tokens of an official checkpoint, ordered by layer index."""
     if not isinstance(state_dict, Mapping):
-        raise TypeError(f"expected a state dict (a mapping of names to tensors), got {type(state_dict)}")
+        raise TypeError(
+            f"expected a state dict (a mapping of names to tensors), got {type(state_dict)}"
+        )
     inner = state_dict.get("state_dict")
     if isinstance(inner, Mapping):
         state_dict = inner
