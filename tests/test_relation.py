@@ -70,3 +70,17 @@ def test_bad_gate_settings_are_refused():
         RelationalGate(6, gate="transformer")
     with pytest.raises(ValueError, match="channels"):
         RelationalGate(0)
+
+
+def test_saturated_softmax_never_zeroes_the_combined_weight():
+    # Large maps and magnitudes saturate the softmax: single weights underflow to 0 in float32,
+    # and teacher and student may favour different channels. The product must not vanish.
+    teacher = torch.full((1, 4, 32, 32), 100.0)
+    teacher[:, 1] = 1.0  # column 1 loses every row of the teacher's softmax
+    student = torch.ones(1, 4, 32, 32)
+    student[:, 1] = 100.0  # column 1 wins every row of the student's softmax
+    product = relational_weight(teacher) * relational_weight(student)
+    assert (product == 0).all()  # the direct formula underflows: nothing left to normalise
+    omega = RelationalGate(4)(teacher, student)
+    assert torch.isfinite(omega).all()
+    torch.testing.assert_close(omega.sum(1), torch.tensor([4.0]))

@@ -7,7 +7,8 @@ For a feature ``F: [N, C, h, w]`` and the next (coarser) feature ``F_next`` resi
     omega = C * (mean over rows of A): [N, C]      (mean 1 over channels: each row sums to 1)
 
 :class:`RelationalGate` combines the teacher's and the projected student's weights,
-``omega = normalise(omega_t * omega_s)`` to mean 1 over channels, under ``no_grad``. The optional
+``omega = normalise(omega_t * omega_s)`` to mean 1 over channels, under ``no_grad`` (computed in
+log space: the softmax saturates on real maps and single weights underflow). The optional
 learned gate (``gate="mlp"``) multiplies that by ``2 * sigmoid(MLP(omega))``, whose last layer
 starts at zero so that training starts from the parameter-free weight; its output is normalised the
 same way and it is trained with the student.
@@ -19,11 +20,18 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_choice, check_positive_int
 
-__all__ = ["GATES", "RelationalGate", "normalise_channel_weight", "relational_weight"]
+__all__ = [
+    "GATES",
+    "RelationalGate",
+    "normalise_log_weight",
+    "relational_log_weight",
+    "relational_weight",
+]
 
 Gate = Literal["parameter-free", "mlp"]
 GATES: tuple[str, ...] = ("parameter-free", "mlp")
@@ -37,6 +45,15 @@ def relational_weight(feature: Tensor, next_feature: Tensor | None = None) -> Te
         next_feature: ``F_next: [N, C', h', w']``, resized (bilinear) to ``F``'s grid when given
             with ``C' == C``; otherwise ``F`` relates to itself.
     """
+    return relational_log_weight(feature, next_feature).exp()
+
+
+def relational_log_weight(feature: Tensor, next_feature: Tensor | None = None) -> Tensor:
+    """``log`` of :func:`relational_weight`, computed in log space: ``[N, C]``.
+
+    The logits grow like ``sqrt(h w)``, so the softmax saturates on real feature maps and a
+    channel's weight can underflow to exactly 0; its logarithm stays finite.
+    """
     height, width = feature.shape[-2:]
     if next_feature is None or next_feature.shape[1] != feature.shape[1]:
         context, pixels = feature, feature
@@ -48,8 +65,8 @@ def relational_weight(feature: Tensor, next_feature: Tensor | None = None) -> Te
     else:
         context, pixels = next_feature, feature
     logits = context.flatten(2) @ pixels.flatten(2).transpose(1, 2)  # [N, C, C]
-    relation = torch.softmax(logits / math.sqrt(height * width), dim=-1)
-    return relation.sum(dim=1)  # C * mean over rows
+    log_relation = torch.log_softmax(logits / math.sqrt(height * width), dim=-1)
+    return torch.logsumexp(log_relation, dim=1)  # log(C * mean over rows)
 
 
 def _upsample_adjoint(feature: Tensor, coarse_size: torch.Size) -> Tensor:
@@ -66,9 +83,10 @@ def _upsample_adjoint(feature: Tensor, coarse_size: torch.Size) -> Tensor:
     )
 
 
-def normalise_channel_weight(weight: Tensor, eps: float = 1e-12) -> Tensor:
-    """Scale ``weight: [N, C]`` (non-negative) to mean 1 over channels."""
-    return weight / weight.mean(dim=1, keepdim=True).clamp_min(eps)
+def normalise_log_weight(log_weight: Tensor) -> Tensor:
+    """Channel weight ``[N, C]`` with mean 1 over channels from unnormalised log weights:
+    ``C * softmax(log_weight)`` (never all zero, unlike normalising underflowed products)."""
+    return log_weight.shape[1] * torch.softmax(log_weight, dim=1)
 
 
 class RelationalGate(nn.Module):
@@ -104,12 +122,14 @@ class RelationalGate(nn.Module):
         (coarser) layer of each or ``None`` -> ``omega: [N, C]``, mean 1 over channels.
         Gradients reach only the MLP's parameters, never the features."""
         with torch.no_grad():
-            omega = normalise_channel_weight(
-                relational_weight(teacher, teacher_next) * relational_weight(student, student_next)
+            log_omega = relational_log_weight(teacher, teacher_next) + relational_log_weight(
+                student, student_next
             )
+            omega = normalise_log_weight(log_omega)
         if self.mlp is None:
             return omega
-        return normalise_channel_weight(omega * 2 * torch.sigmoid(self.mlp(omega)))
+        # omega * 2 sigmoid(z), renormalised; the factor 2 cancels.
+        return normalise_log_weight(log_omega + F.logsigmoid(self.mlp(omega)))
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, gate={self.gate!r}"

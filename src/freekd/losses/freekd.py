@@ -145,7 +145,11 @@ class FreeKDLoss(nn.Module):
         check_choice("granularity", granularity, GRANULARITIES)
         check_choice("dissimilarity", dissimilarity, DISSIMILARITIES)
         check_choice("gate", gate, GATES)
-        if not isinstance(loss_weight, int | float) or not math.isfinite(loss_weight):
+        if (
+            isinstance(loss_weight, bool)
+            or not isinstance(loss_weight, int | float)
+            or not math.isfinite(loss_weight)
+        ):
             raise ValueError(f"loss_weight must be a finite number, got {loss_weight!r}")
         self.channels = [int(c) for c in channels]
         self.num_prompts, self.levels, self.wavelet = num_prompts, levels, wavelet
@@ -177,7 +181,8 @@ class FreeKDLoss(nn.Module):
         and the channels from its ``mask_modules.{i}.mask_token: [4, T, C]`` tensors."""
         tokens = _official_tokens(state_dict)
         channels = [t.shape[2] for t in tokens]
-        loss = cls.preset("official", channels, num_prompts=tokens[0].shape[1], **overrides)
+        settings = {"num_prompts": tokens[0].shape[1], **overrides}
+        loss = cls.preset("official", channels, **settings)
         loss.load_official_state_dict(state_dict)
         return loss
 
@@ -244,8 +249,8 @@ class FreeKDLoss(nn.Module):
     def layer_loss(
         self, index: int, student: Sequence[Tensor], teacher: Sequence[Tensor]
     ) -> Tensor:
-        """Unweighted term of layer ``index`` (float32 features of all layers, for the relational
-        term's next layer)."""
+        """Unweighted term of layer ``index``; ``student`` and ``teacher`` list the (upcast)
+        features of all layers, since the relational term reads the next layer."""
         teacher_feat, student_feat = teacher[index], student[index]
         with torch.no_grad():
             teacher_bands = dwt2(teacher_feat, self.levels, self.wavelet)
