@@ -227,6 +227,22 @@ class FreeKDLoss(nn.Module):
             for token, prompt in zip(tokens, self.prompts, strict=True):
                 prompt.tokens.copy_(token.to(prompt.tokens))
                 prompt.mark_tuned()
+        self.reset_tuned_check()
+
+    def save_prompts(self, path) -> None:
+        """Save the prompts as safetensors with their configuration (see ``freekd.prompt_io``)."""
+        from ..prompt_io import save_prompts
+
+        save_prompts(self, path)
+
+    def load_prompts(self, path) -> None:
+        """Load prompts saved by :meth:`save_prompts`, refusing another configuration."""
+        from ..prompt_io import load_prompts
+
+        load_prompts(self, path)
+
+    def reset_tuned_check(self) -> None:
+        """Check again, at the next call, that the prompts are tuned (after loading new ones)."""
         self._untuned_checked = False
 
     # ------------------------------------------------------------------ the loss

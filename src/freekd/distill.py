@@ -1,0 +1,268 @@
+"""Stage 2 of FreeKD: teacher + student + taps + projections + losses -> named loss terms.
+
+The teacher is frozen (no gradients, eval mode, run under ``no_grad`` and stopped as soon as its
+taps have fired, unless an output loss needs its head). The student runs its own task loss; its
+tapped features go through per-layer projections ``phi`` to the teacher's shapes and then through
+the feature losses (each takes all tapped layers as one list, fine to coarse). Output losses
+compare named outputs of teacher and student submodules (e.g. box-regression heads). ``mu``
+(the weight of each distillation term) lives here, not in the losses.
+
+    distiller = Distiller(
+        teacher, student,
+        teacher_taps=["backbone.fpn"], student_taps=["backbone.fpn"],
+        feature_losses={"freekd": FreeKDLoss.preset("paper", [256] * 5)},
+        task_loss=lambda model, batch: model(*batch),   # torchvision detectors return a dict
+        example_batch=batch,
+    )
+    terms = distiller(batch)            # {"task/...": ..., "distill/freekd": ...}
+    sum(terms.values()).backward()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .losses.freekd import FreeKDLoss
+from .taps import FeatureTaps
+from .tuning import TaskLoss, freeze, loss_terms
+
+__all__ = ["Distiller", "OutputLoss", "Projection", "default_teacher_input"]
+
+Projector = Literal["auto", "always", "none"]
+
+
+def default_teacher_input(batch: Any) -> Any:
+    """The model input of a batch: ``batch[0]`` of a ``(inputs, targets)`` pair, ``batch["image"]``
+    of a dict, or the batch itself."""
+    if isinstance(batch, list | tuple) and batch:
+        return batch[0]
+    if isinstance(batch, Mapping):
+        for key in ("image", "images", "input", "inputs"):
+            if key in batch:
+                return batch[key]
+        raise KeyError(
+            f"cannot tell the model input in a batch with keys {list(batch)}: pass teacher_input="
+        )
+    return batch
+
+
+@dataclass
+class OutputLoss:
+    """A loss between the outputs of a teacher submodule and a student submodule.
+
+    ``loss(student_output, teacher_output)`` on the tapped tensors (e.g. ``nn.SmoothL1Loss()``
+    between box-regression head outputs, as the official RetinaNet recipe), times ``weight``.
+    """
+
+    teacher_tap: str
+    student_tap: str
+    loss: nn.Module
+    weight: float = 1.0
+
+
+class Projection(nn.Module):
+    """``phi``: student feature ``[N, C_s, H_s, W_s]`` -> teacher's ``[N, C_t, H_t, W_t]``.
+
+    A 1x1 conv when ``conv`` (channels differ, or ``projection="always"``), then a bilinear resize
+    when the grids differ; the identity when neither.
+    """
+
+    def __init__(
+        self, student_channels: int, teacher_channels: int, size: tuple[int, int] | None, conv: bool
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(student_channels, teacher_channels, 1) if conv else None
+        self.size = size
+
+    def forward(self, feature: Tensor) -> Tensor:
+        if self.conv is not None:
+            feature = self.conv(feature)
+        if self.size is not None and tuple(feature.shape[-2:]) != self.size:
+            feature = F.interpolate(feature, size=self.size, mode="bilinear", align_corners=False)
+        return feature
+
+    def extra_repr(self) -> str:
+        return f"resize_to={self.size}" if self.size is not None else ""
+
+
+class Distiller(nn.Module):
+    """Teacher and student with taps, projections and losses; ``forward(batch)`` -> loss terms.
+
+    Args:
+        teacher: trained model, frozen here (in place).
+        student: model to train.
+        teacher_taps, student_taps: distilled layers (see :mod:`freekd.taps`), fine to coarse,
+            yielding the same number of features.
+        feature_losses: ``{name: loss}``; each ``loss(student_feats, teacher_feats)`` on the
+            projected student features and the teacher's (e.g. FreeKDLoss, a feature MSE).
+        task_loss: ``task_loss(student, batch)`` -> scalar or dict of scalars (the student's own
+            loss; it must run the student's forward pass).
+        example_batch: one batch for the dry run that sizes the projections.
+        loss_weights: ``{name: mu}`` for the feature losses (default 1 each).
+        projection: ``"auto"`` (1x1 conv / resize only where channels / grids differ),
+            ``"always"`` (a 1x1 conv on every layer, the official recipe) or ``"none"``.
+        output_losses: ``{name: OutputLoss(...)}`` between submodule outputs.
+        teacher_input: ``fn(batch)`` -> the teacher's input (default :func:`default_teacher_input`).
+        init_from_teacher: student submodule paths whose weights are copied from the teacher's
+            modules of the same path (e.g. ``["neck"]``), shapes checked.
+
+    ``forward`` returns ``{"task/<name>": ..., "distill/<name>": weighted term, ...}``: sum the
+    values for the objective. Trainable: the student, the projections and any learned part of a
+    loss (e.g. FreeKD's MLP gate); never the teacher or the prompts.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        teacher_taps: Sequence[str],
+        student_taps: Sequence[str],
+        feature_losses: Mapping[str, nn.Module],
+        task_loss: TaskLoss,
+        example_batch: Any,
+        loss_weights: Mapping[str, float] | None = None,
+        projection: Projector = "auto",
+        output_losses: Mapping[str, OutputLoss] | None = None,
+        teacher_input: Callable[[Any], Any] = default_teacher_input,
+        init_from_teacher: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        if projection not in ("auto", "always", "none"):
+            raise ValueError(f"projection must be 'auto', 'always' or 'none', got {projection!r}")
+        unknown = set(loss_weights or {}) - set(feature_losses)
+        if unknown:
+            raise ValueError(
+                f"loss_weights name {sorted(unknown)}, which are not feature losses "
+                f"{sorted(feature_losses)}"
+            )
+        self.teacher = freeze(teacher).eval()
+        self.student = student
+        self.feature_losses = nn.ModuleDict(feature_losses)
+        for loss in self.feature_losses.values():
+            if isinstance(loss, FreeKDLoss):
+                loss.prompts.requires_grad_(False)
+        self.loss_weights = {
+            name: float((loss_weights or {}).get(name, 1.0)) for name in feature_losses
+        }
+        self.output_losses = dict(output_losses or {})
+        self.output_loss_modules = nn.ModuleDict({k: v.loss for k, v in self.output_losses.items()})
+        self.task_loss = task_loss
+        self.teacher_input = teacher_input
+        self.num_feature_taps = (len(teacher_taps), len(student_taps))
+        output_teacher_taps = [o.teacher_tap for o in self.output_losses.values()]
+        output_student_taps = [o.student_tap for o in self.output_losses.values()]
+        self._teacher_taps = FeatureTaps(
+            teacher, [*teacher_taps, *output_teacher_taps], stop_after_capture=True
+        )
+        self._student_taps = FeatureTaps(student, [*student_taps, *output_student_taps])
+        self._teacher_feature_specs = list(teacher_taps)
+        self._student_feature_specs = list(student_taps)
+        for path in init_from_teacher:
+            copy_submodule(teacher, student, path)
+        self.projections = self._build_projections(example_batch, projection)
+
+    # ------------------------------------------------------------------ set-up
+
+    def _build_projections(self, batch: Any, projection: Projector) -> nn.ModuleList:
+        """Dry run on ``batch``: one projection per tapped layer, sized by the features."""
+        teacher_feats, _ = self._teacher_forward(batch)
+        was_training = self.student.training
+        self.student.eval()
+        with torch.no_grad():
+            self._student_taps.clear()
+            self._student_taps.run(self.student, self.teacher_input(batch))
+        self.student.train(was_training)
+        student_feats = self._student_feature_list()
+        if len(student_feats) != len(teacher_feats):
+            raise ValueError(
+                f"student taps {self._student_feature_specs} yield {len(student_feats)} features, "
+                f"teacher taps {self._teacher_feature_specs} yield {len(teacher_feats)}: tap "
+                f"layers that correspond one to one"
+            )
+        projections = []
+        for index, (s, t) in enumerate(zip(student_feats, teacher_feats, strict=True)):
+            if s.dim() != 4 or t.dim() != 4:
+                raise ValueError(
+                    f"layer {index}: distilled features must be [N, C, H, W], got student "
+                    f"{tuple(s.shape)} and teacher {tuple(t.shape)}"
+                )
+            channels_differ = s.shape[1] != t.shape[1]
+            grid = tuple(t.shape[-2:]) if s.shape[-2:] != t.shape[-2:] else None
+            if projection == "none" and (channels_differ or grid is not None):
+                raise ValueError(
+                    f"layer {index}: student feature {tuple(s.shape)} and teacher "
+                    f"{tuple(t.shape)} differ and projection='none': use projection='auto'"
+                )
+            conv = projection == "always" or channels_differ
+            projections.append(Projection(s.shape[1], t.shape[1], grid, conv))
+        return nn.ModuleList(projections).to(student_feats[0].device)
+
+    # ------------------------------------------------------------------ forward
+
+    def _teacher_forward(self, batch: Any) -> tuple[list[Tensor], list[Tensor]]:
+        """Teacher features and output-loss tensors, under ``no_grad`` in eval mode."""
+        self.teacher.eval()
+        with torch.no_grad():
+            self._teacher_taps.run(self.teacher, self.teacher_input(batch))
+        tapped = self._teacher_taps.features
+        count = len(tapped) - len(self.output_losses)
+        return tapped[:count], tapped[count:]
+
+    def _student_feature_list(self) -> list[Tensor]:
+        tapped = self._student_taps.features
+        return tapped[: len(tapped) - len(self.output_losses)]
+
+    def forward(self, batch: Any) -> dict[str, Tensor]:
+        """``batch`` -> ``{"task/<name>": ..., "distill/<name>": ..., "output/<name>": ...}``."""
+        teacher_feats, teacher_outputs = self._teacher_forward(batch)
+        self._student_taps.clear()
+        terms = loss_terms(self.task_loss(self.student, batch), "task")
+        tapped = self._student_taps.features
+        student_feats = tapped[: len(tapped) - len(self.output_losses)]
+        student_outputs = tapped[len(student_feats) :]
+        projected = [phi(f) for phi, f in zip(self.projections, student_feats, strict=True)]
+        for name, loss in self.feature_losses.items():
+            terms[f"distill/{name}"] = self.loss_weights[name] * loss(projected, teacher_feats)
+        for (name, spec), s, t in zip(
+            self.output_losses.items(), student_outputs, teacher_outputs, strict=True
+        ):
+            terms[f"output/{name}"] = spec.weight * spec.loss(s, t)
+        return terms
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Student, projections and learned loss parts: what the optimizer should get."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def remove_hooks(self) -> None:
+        """Detach the taps from teacher and student (the models work alone again)."""
+        self._teacher_taps.remove()
+        self._student_taps.remove()
+
+
+def copy_submodule(source: nn.Module, target: nn.Module, path: str) -> None:
+    """Copy the weights of ``source``'s submodule ``path`` into ``target``'s (shapes checked)."""
+    try:
+        source_module, target_module = source.get_submodule(path), target.get_submodule(path)
+    except AttributeError as error:
+        raise ValueError(f"init_from_teacher: no submodule {path!r} ({error})") from None
+    source_state, target_state = source_module.state_dict(), target_module.state_dict()
+    mismatched = [
+        f"{k}: teacher {tuple(v.shape)}, student {tuple(target_state[k].shape)}"
+        for k, v in source_state.items()
+        if k in target_state and v.shape != target_state[k].shape
+    ]
+    if mismatched or source_state.keys() != target_state.keys():
+        detail = mismatched or sorted(set(source_state) ^ set(target_state))
+        raise ValueError(f"init_from_teacher: {path!r} differs between the models: {detail[:5]}")
+    target_module.load_state_dict(source_state)

@@ -1,0 +1,138 @@
+"""Save and load tuned prompts as safetensors, with the configuration that made them.
+
+The file holds one tensor per distilled layer, ``prompts.{i}.tokens: [G, T, C]``, and in its
+metadata the settings the tokens only make sense with: channels, ``T``, granularity, levels,
+wavelet (and, for information, the dissimilarity and the freekd version). Loading checks them
+against the loss the prompts go into and refuses a mismatch, naming both values. Writing is atomic
+(temporary file in the same folder, then rename), so an interrupted save never leaves a broken file.
+A safetensors file holds only tensors and strings: loading it never runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .losses.freekd import FreeKDLoss
+
+__all__ = ["load_prompts", "prompt_config", "save_prompts"]
+
+FORMAT = "freekd-prompts/1"
+_CHECKED = ("channels", "num_prompts", "granularity", "levels", "wavelet")
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as error:  # pragma: no cover - a declared dependency
+        raise ImportError(
+            "saving and loading prompts needs safetensors: pip install safetensors"
+        ) from error
+    return safetensors.torch
+
+
+def prompt_config(loss: FreeKDLoss) -> dict[str, object]:
+    """The settings that prompt tokens depend on, as saved in the metadata."""
+    return {
+        "channels": list(loss.channels),
+        "num_prompts": loss.num_prompts,
+        "granularity": loss.granularity,
+        "levels": loss.levels,
+        "wavelet": loss.wavelet,
+    }
+
+
+def save_prompts(loss: FreeKDLoss, path: str | os.PathLike) -> Path:
+    """Write ``loss``'s prompt tokens and configuration to ``path`` (atomically)."""
+    from . import __version__
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        f"prompts.{i}.tokens": prompt.tokens.detach().to("cpu", torch.float32).contiguous()
+        for i, prompt in enumerate(loss.prompts)
+    }
+    metadata = {key: json.dumps(value) for key, value in prompt_config(loss).items()}
+    metadata.update(
+        format=FORMAT,
+        dissimilarity=json.dumps(loss.dissimilarity),
+        tuned=json.dumps(all(bool(p.tuned) for p in loss.prompts)),
+        freekd_version=__version__,
+    )
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        _safetensors().save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_prompt_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Tensors and decoded configuration of a prompt file; clear errors for a missing or foreign
+    file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"prompt file {str(path)!r} does not exist: tune prompts (stage 1) or fix the path"
+        )
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except Exception as error:  # safetensors raises its own error types
+        raise ValueError(
+            f"{str(path)!r} is not a readable safetensors prompt file: {error}"
+        ) from None
+    if metadata.get("format") != FORMAT:
+        raise ValueError(
+            f"{str(path)!r} is not a freekd prompt file (metadata format "
+            f"{metadata.get('format')!r}, expected {FORMAT!r}); official checkpoints load with "
+            f"FreeKDLoss.from_official"
+        )
+    config = {
+        key: json.loads(value)
+        for key, value in metadata.items()
+        if key != "format" and key != "freekd_version"
+    }
+    return tensors, config
+
+
+def load_prompts(loss: FreeKDLoss, path: str | os.PathLike) -> None:
+    """Load the prompts saved at ``path`` into ``loss``, after checking that the file was made
+    for the same channels, ``T``, granularity, levels and wavelet. Marks them tuned when the file
+    says they were."""
+    tensors, config = read_prompt_file(path)
+    expected = prompt_config(loss)
+    differences = [
+        f"{key}: file {config.get(key)!r}, loss {expected[key]!r}"
+        for key in _CHECKED
+        if config.get(key) != expected[key]
+    ]
+    if differences:
+        raise ValueError(
+            f"prompts in {str(path)!r} were made for another configuration ("
+            + "; ".join(differences)
+            + "): build the loss with the file's settings or tune prompts for this one"
+        )
+    with torch.no_grad():
+        for i, prompt in enumerate(loss.prompts):
+            key = f"prompts.{i}.tokens"
+            if key not in tensors or tensors[key].shape != prompt.tokens.shape:
+                found = tuple(tensors[key].shape) if key in tensors else "nothing"
+                raise ValueError(
+                    f"{str(path)!r}: {key} should be {tuple(prompt.tokens.shape)}, found {found}"
+                )
+            prompt.tokens.copy_(tensors[key])
+            prompt.mark_tuned(bool(config.get("tuned", False)))
+    loss.reset_tuned_check()
