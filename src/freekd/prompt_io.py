@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from ._io import save_safetensors
 
 if TYPE_CHECKING:
     from .losses.freekd import FreeKDLoss
@@ -25,16 +26,6 @@ __all__ = ["load_prompts", "prompt_config", "save_prompts"]
 
 FORMAT = "freekd-prompts/1"
 _CHECKED = ("channels", "num_prompts", "granularity", "levels", "wavelet")
-
-
-def _safetensors():
-    try:
-        import safetensors.torch
-    except ImportError as error:  # pragma: no cover - a declared dependency
-        raise ImportError(
-            "saving and loading prompts needs safetensors: pip install safetensors"
-        ) from error
-    return safetensors.torch
 
 
 def prompt_config(loss: FreeKDLoss) -> dict[str, object]:
@@ -52,11 +43,8 @@ def save_prompts(loss: FreeKDLoss, path: str | os.PathLike) -> Path:
     """Write ``loss``'s prompt tokens and configuration to ``path`` (atomically)."""
     from . import __version__
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
-        f"prompts.{i}.tokens": prompt.tokens.detach().to("cpu", torch.float32).contiguous()
-        for i, prompt in enumerate(loss.prompts)
+        f"prompts.{i}.tokens": prompt.tokens.float() for i, prompt in enumerate(loss.prompts)
     }
     metadata = {key: json.dumps(value) for key, value in prompt_config(loss).items()}
     metadata.update(
@@ -65,15 +53,7 @@ def save_prompts(loss: FreeKDLoss, path: str | os.PathLike) -> Path:
         tuned=json.dumps(all(bool(p.tuned) for p in loss.prompts)),
         freekd_version=__version__,
     )
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        _safetensors().save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return save_safetensors(tensors, path, metadata)
 
 
 def read_prompt_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, object]]:

@@ -283,8 +283,14 @@ def idwt2(bands: WaveletBands, wavelet: str = "haar", size: Sequence[int] | None
     for detail in reversed(highs):
         if detail.dim() != 5 or detail.shape[2] != 3:
             raise ValueError(f"detail bands must be [N, C, 3, h, w], got {tuple(detail.shape)}")
+        if not detail.is_floating_point() or not low.is_floating_point():
+            raise TypeError(
+                f"idwt2 expects floating-point bands, got {low.dtype} and {detail.dtype}"
+            )
         height, width = detail.shape[-2:]
-        if low.shape[-2] < height or low.shape[-1] < width or low.shape[:2] != detail.shape[:2]:
+        # dwt2 leaves the approximation equal to the next detail band or one pixel larger.
+        fits = height <= low.shape[-2] <= height + 1 and width <= low.shape[-1] <= width + 1
+        if not fits or low.shape[:2] != detail.shape[:2]:
             raise ValueError(
                 f"approximation {tuple(low.shape)} does not fit detail bands "
                 f"{tuple(detail.shape)}: pass the pair that dwt2 returned"
