@@ -146,6 +146,7 @@ class FeatureTaps:
         self._by_module: dict[str, list[int]] = {}
         for index, tap in enumerate(self._taps):
             self._by_module.setdefault(tap.module_name, []).append(index)
+        self._stopping = False
         self._captured: dict[int, list[Tensor]] = {}
         self._original: dict[int, list[Tensor]] = {}
         self._handles = [
@@ -175,7 +176,7 @@ class FeatureTaps:
                     replacements[key] = new_value
                     new_values.append(new_value)
                 self._captured[index] = new_values
-            if self.stop_after_capture and len(self._captured) == len(self._taps):
+            if self._stopping and len(self._captured) == len(self._taps):
                 raise _StopForward
             return _rebuild(output, replacements) if replacements else None
 
@@ -200,10 +201,13 @@ class FeatureTaps:
         """Call ``model(*args, **kwargs)`` after :meth:`clear`; returns its output, or ``None`` when
         ``stop_after_capture`` ended the pass early. Raises if a tap did not fire."""
         self.clear()
+        self._stopping = self.stop_after_capture  # only inside this call: others' passes run on
         try:
             output = model(*args, **kwargs)
         except _StopForward:
             output = None
+        finally:
+            self._stopping = False
         self.features  # noqa: B018 - raises if a tap did not fire
         return output
 

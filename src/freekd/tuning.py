@@ -36,12 +36,15 @@ _FROZEN_LAYER_TYPES: tuple[type[nn.Module], ...] = (
 
 
 def freeze(model: nn.Module) -> nn.Module:
-    """Set ``requires_grad=False`` on every parameter and put norm and dropout layers in eval mode.
+    """Set ``requires_grad=False`` on every parameter, drop stale gradients, and put norm and
+    dropout layers in eval mode.
 
     The model's own ``training`` flags stay as they are elsewhere, so models that return their
     losses only in train mode (torchvision detectors) still do.
     """
     model.requires_grad_(False)
+    for parameter in model.parameters():
+        parameter.grad = None  # a frozen model holds no gradients (e.g. left from its training)
     for module in model.modules():
         if isinstance(module, _FROZEN_LAYER_TYPES):
             module.eval()

@@ -20,6 +20,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -229,11 +230,11 @@ class FreeKDLoss(nn.Module):
                 prompt.mark_tuned()
         self.reset_tuned_check()
 
-    def save_prompts(self, path) -> None:
+    def save_prompts(self, path) -> Path:
         """Save the prompts as safetensors with their configuration (see ``freekd.prompt_io``)."""
         from ..prompt_io import save_prompts
 
-        save_prompts(self, path)
+        return save_prompts(self, path)
 
     def load_prompts(self, path) -> None:
         """Load prompts saved by :meth:`save_prompts`, refusing another configuration."""
