@@ -420,3 +420,20 @@ def test_retinanet_distillation_step_with_fpn_taps_and_head_output_loss():
     )
     terms = with_head.train()(detection_batch())
     assert terms["output/bbox"].item() > 0 and terms["output/bbox"].requires_grad
+
+
+def test_a_checkpoint_holding_teacher_and_student_of_one_architecture_needs_a_prefix():
+    student, teacher = TinySegmenter(16), trained_teacher()
+    both = {f"distiller.student.{k}": v for k, v in student.state_dict().items()}
+    both.update({f"distiller.teacher.{k}": v for k, v in teacher.state_dict().items()})
+    with pytest.raises(ValueError, match="pass prefix="):
+        load_weights(TinySegmenter(16), both)
+    fresh = TinySegmenter(16)
+    load_weights(fresh, both, prefix="distiller.teacher.")
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(fresh.state_dict().values(), teacher.state_dict().values(), strict=True)
+    )
+    narrow = {f"distiller.student.{k}": v for k, v in TinySegmenter(8).state_dict().items()}
+    narrow.update({f"distiller.teacher.{k}": v for k, v in teacher.state_dict().items()})
+    assert load_weights(TinySegmenter(8), narrow).prefix == "distiller.student."

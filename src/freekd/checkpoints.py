@@ -88,19 +88,37 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> dict[st
     return tensors
 
 
-def _strip_prefix(state: dict[str, Tensor], expected: set[str]) -> tuple[dict[str, Tensor], str]:
-    """Remove the key prefix (``module.``, ``student.``, ...) that makes most keys match."""
-    best, best_prefix = state, ""
-    best_hits = len(expected & set(state))
-    # Candidate prefixes: the first one or two dotted components of the keys.
-    prefixes = {".".join(k.split(".")[:depth]) + "." for k in state for depth in (1, 2)}
-    prefixes.discard(".")
-    for prefix in sorted(prefixes, key=len):
-        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        hits = len(expected & set(stripped))
-        if hits > best_hits:
-            best, best_prefix, best_hits = stripped, prefix, hits
-    return best, best_prefix
+def _strip_prefix(
+    state: dict[str, Tensor], expected: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], str]:
+    """Remove the key prefix (``module.``, ``distiller.student.``, ...) under which most entries
+    match the model by name and shape. Refuses a tie between prefixes (a teacher and a student of
+    the same architecture in one checkpoint): the caller must say which with ``prefix=``."""
+
+    def fitting(candidate: dict[str, Tensor]) -> int:
+        return sum(
+            1 for k, v in candidate.items() if k in expected and v.shape == expected[k].shape
+        )
+
+    # Candidates: no prefix, and the first one to three dotted components of the keys.
+    prefixes = {"."} | {".".join(k.split(".")[:d]) + "." for k in state for d in (1, 2, 3)}
+    scored = []
+    for prefix in sorted(prefixes):
+        stripped = (
+            state
+            if prefix == "."
+            else {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        )
+        scored.append((fitting(stripped), "" if prefix == "." else prefix, stripped))
+    best_score = max(score for score, _, _ in scored)
+    best = [(prefix, stripped) for score, prefix, stripped in scored if score == best_score]
+    if len(best) > 1 and best_score > 0:
+        names = [prefix or "(none)" for prefix, _ in best]
+        raise ValueError(
+            f"the checkpoint holds several models that fit ({names}): pass prefix= to choose"
+        )
+    prefix, stripped = best[0]
+    return stripped, prefix
 
 
 def load_weights(
@@ -123,7 +141,7 @@ def load_weights(
     state = read_state_dict(source)
     expected = model.state_dict()
     if prefix is None:
-        state, prefix = _strip_prefix(state, set(expected))
+        state, prefix = _strip_prefix(state, expected)
     else:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     shape_errors = [

@@ -1,0 +1,205 @@
+"""Distil a tiny student with 2 DDP processes on CPU (gloo) and compare what the ranks hold.
+
+    python scripts/ddp_distill_check.py --out /tmp/ddp-check [--steps 6] [--devices 2]
+
+Lightning's ``strategy="ddp"`` starts the second process by running this script again. At the
+end of training every rank writes its student, teacher and projection weights, whether any
+teacher parameter holds a gradient, and the dataset indices it trained on, to
+``OUT/rank<r>.pt``; process 0 then compares the files and prints one JSON line:
+``{"ok": true, "world_size": 2, "student_equal": true, ...}``. Exit status 0 when every check
+holds, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback
+from torch import nn
+from torch.utils.data import Dataset
+
+from freekd import FreeKDLoss
+from freekd.distill import Distiller
+from freekd.train import (
+    DistillModule,
+    OptimConfig,
+    ScheduleConfig,
+    TrainConfig,
+    fit,
+    make_train_loader,
+)
+
+
+class TinyNet(nn.Module):
+    """Conv net with two tapped stages: ``layer1`` ``[N, w, 16, 16]``, ``layer2``
+    ``[N, 2w, 8, 8]`` for ``[N, 3, 32, 32]`` inputs; 4-class logits."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        self.layer1 = nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Linear(2 * width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer2(self.layer1(self.stem(x))).mean((2, 3)))
+
+
+class IndexedImages(Dataset):
+    """``size`` random images with labels; items are ``(image, label, index)``."""
+
+    def __init__(self, size: int = 16) -> None:
+        generator = torch.Generator().manual_seed(7)
+        self.images = torch.randn(size, 3, 32, 32, generator=generator)
+        self.labels = torch.randint(0, 4, (size,), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.labels[index], index
+
+
+def task_loss(model: nn.Module, batch) -> torch.Tensor:
+    images, labels, _ = batch
+    return F.cross_entropy(model(images), labels)
+
+
+class RecordRank(Callback):
+    """Writes this rank's weights, teacher gradients and seen indices at the end of training."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.indices = out, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.indices.append(batch[2].tolist())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        distiller = pl_module.distiller
+        teacher_params = list(distiller.teacher.parameters())
+        record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "student": {k: v.detach().clone() for k, v in distiller.student.state_dict().items()},
+            "teacher": {k: v.detach().clone() for k, v in distiller.teacher.state_dict().items()},
+            "projections": {
+                k: v.detach().clone() for k, v in distiller.projections.state_dict().items()
+            },
+            "teacher_grads_none": all(p.grad is None for p in teacher_params),
+            "teacher_requires_grad": any(p.requires_grad for p in teacher_params),
+            "ddp_ignored": sorted(getattr(trainer.strategy.model, "parameters_to_ignore", [])),
+            "indices": self.indices,
+        }
+        torch.save(record, self.out / f"rank{trainer.global_rank}.pt")
+        trainer.strategy.barrier("freekd-ddp-check")
+
+
+def build_module(seed: int = 0) -> DistillModule:
+    torch.manual_seed(seed)
+    teacher, student = TinyNet(8), TinyNet(4)
+    example = (torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long), [0, 1])
+    distiller = Distiller(
+        teacher,
+        student,
+        ["layer1", "layer2"],
+        ["layer1", "layer2"],
+        {"freekd": FreeKDLoss.preset("paper", [8, 16])},
+        task_loss,
+        example,
+    )
+    return DistillModule(
+        distiller,
+        OptimConfig("sgd", lr=0.05, momentum=0.9),
+        ScheduleConfig("cosine", total_steps=6, warmup_steps=2),
+    )
+
+
+def compare(out: Path, world_size: int, initial_student: dict) -> dict:
+    records = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+    first = records[0]
+
+    def same(key: str) -> bool:
+        return all(
+            first[key].keys() == r[key].keys()
+            and all(torch.equal(first[key][k], r[key][k]) for k in first[key])
+            for r in records[1:]
+        )
+
+    seen = [sorted(i for batch in r["indices"] for i in batch) for r in records]
+    report = {
+        "world_size": world_size,
+        "ranks_reporting": [r["rank"] for r in records],
+        "student_equal": same("student"),
+        "projections_equal": same("projections"),
+        "teacher_equal": same("teacher"),
+        "teacher_grads_none": all(r["teacher_grads_none"] for r in records),
+        "teacher_requires_grad": any(r["teacher_requires_grad"] for r in records),
+        "teacher_ignored_by_ddp": all(
+            any(name.startswith("distiller.teacher.") for name in r["ddp_ignored"]) for r in records
+        ),
+        "student_trained": any(
+            not torch.equal(first["student"][k], initial_student[k]) for k in initial_student
+        ),
+        "ranks_saw_different_data": all(s != seen[0] for s in seen[1:]),
+        "batches_per_rank": [len(r["indices"]) for r in records],
+    }
+    report["ok"] = (
+        all(
+            report[k]
+            for k in (
+                "student_equal",
+                "projections_equal",
+                "teacher_equal",
+                "teacher_grads_none",
+                "teacher_ignored_by_ddp",
+                "student_trained",
+                "ranks_saw_different_data",
+            )
+        )
+        and not report["teacher_requires_grad"]
+    )
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--devices", type=int, default=2)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    module = build_module()
+    initial_student = {
+        k: v.detach().clone() for k, v in module.distiller.student.state_dict().items()
+    }
+    config = TrainConfig(
+        max_steps=args.steps,
+        run_dir=args.out / "run",
+        checkpoint_every_steps=3,
+        accelerator="cpu",
+        devices=args.devices,
+        strategy="ddp",
+        logger=None,
+        progress_bar=False,
+        model_summary=False,
+        sanity_val_steps=0,
+    )
+    loader = make_train_loader(IndexedImages(), batch_size=2, seed=3)
+    result = fit(module, loader, config=config, callbacks=[RecordRank(args.out)])
+    if result.trainer.global_rank != 0:
+        return 0
+    report = compare(args.out, args.devices, initial_student)
+    report["global_step"] = result.global_step
+    print(json.dumps(report))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
