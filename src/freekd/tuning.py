@@ -81,8 +81,9 @@ class PromptTuner(nn.Module):
         dissimilarity_weight: ``lambda`` (paper: 1).
 
     ``forward(batch)`` returns ``{"loss": task + lambda * dissimilarity, "task": ...,
-    "dissimilarity": ..., "task/<name>": ...}``. Only ``parameters()`` of the prompts require
-    gradients. Save the result with ``loss.save_prompts(path)``.
+    "dissimilarity": ..., "task/<name>": ...}``. Train :meth:`trainable_parameters` (the prompt
+    tokens; a learned relational gate of the loss belongs to stage 2). Save the result with
+    ``loss.save_prompts(path)``.
     """
 
     def __init__(
@@ -147,6 +148,10 @@ class PromptTuner(nn.Module):
         }
         terms.update((k, v) for k, v in task.items() if k != "task")
         return terms
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The prompt tokens, one tensor per tapped layer: all that stage 1 trains."""
+        return [prompt.tokens for prompt in self.loss.prompts]
 
     def mark_tuned(self) -> None:
         """Record that the prompts are tuned (call at the end of stage 1)."""

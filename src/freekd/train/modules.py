@@ -213,7 +213,7 @@ class PromptTuningModule(_Job):
                 raise ValueError(f"prompt parameter {name} does not require a gradient")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.tuner.loss.prompts.parameters())
+        return self.tuner.trainable_parameters()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         terms = self.tuner(batch)
