@@ -1,0 +1,153 @@
+"""Model builders for the pipeline: torchvision detectors and smp segmenters, with their default
+distillation taps, task losses and predictors.
+
+    spec = build_model("detection", "retinanet", "resnet50", num_classes=80)
+    spec.model          # the nn.Module (plain torchvision / smp model)
+    spec.taps           # ["backbone.fpn"]: the layers FreeKD distils
+    spec.tap_channels   # [256] * 5: channels of the tapped features, fine to coarse
+    spec.task_loss(spec.model, batch)   # the model's own loss (dict or scalar)
+    spec.predict(spec.model, images)    # detections / class-id maps
+
+Registry: :data:`REGISTRY` ``{task: {arch: backbones}}``; :func:`available_models` lists it.
+This package needs torchvision and segmentation_models_pytorch (``freekd``'s core does not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..tuning import TaskLoss
+from ._common import check_name
+from .detection import (
+    DETECTION_ARCHS,
+    DETECTION_BACKBONES,
+    DETECTION_TAPS,
+    FPN_CHANNELS,
+    build_detector,
+    detection_loss,
+    detection_predict,
+)
+from .segmentation import (
+    LAYER4_CHANNELS,
+    SEGMENTATION_ARCHS,
+    SEGMENTATION_BACKBONES,
+    SEGMENTATION_TAPS,
+    build_segmenter,
+    segmentation_loss,
+    segmentation_predict,
+)
+
+__all__ = [
+    "REGISTRY",
+    "TASKS",
+    "ModelSpec",
+    "available_models",
+    "build_detector",
+    "build_model",
+    "build_segmenter",
+    "count_parameters",
+    "default_taps",
+    "detection_loss",
+    "detection_predict",
+    "segmentation_loss",
+    "segmentation_predict",
+]
+
+TASKS = ("detection", "segmentation")
+
+REGISTRY: dict[str, dict[str, tuple[str, ...]]] = {
+    "detection": dict.fromkeys(DETECTION_ARCHS, DETECTION_BACKBONES),
+    "segmentation": dict.fromkeys(SEGMENTATION_ARCHS, SEGMENTATION_BACKBONES),
+}
+"""``{task: {arch: valid backbones}}``."""
+
+
+@dataclass
+class ModelSpec:
+    """A built model and what the pipeline needs to train, distil and evaluate it.
+
+    Attributes:
+        model: the ``nn.Module`` (a plain torchvision / smp model: its ``state_dict`` loads into
+            the same architecture built without freekd).
+        taps: default distillation taps (module paths, see :mod:`freekd.taps`), fine to coarse.
+        tap_channels: channels of each tapped feature, in order (``FreeKDLoss``'s ``channels``).
+        task_loss: ``task_loss(model, batch)`` -> scalar or dict of scalars (train mode).
+        predict: ``predict(model, images)`` -> detections (list of dicts) or class ids
+            ``[N, H, W]``.
+        task, arch, backbone, num_classes: what was built.
+    """
+
+    model: nn.Module
+    taps: list[str]
+    tap_channels: list[int]
+    task_loss: TaskLoss
+    predict: Callable[[nn.Module, Any], Any]
+    task: str
+    arch: str
+    backbone: str
+    num_classes: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _check(task: str, arch: str, backbone: str) -> None:
+    check_name("task", task, TASKS)
+    check_name(f"{task} arch", arch, tuple(REGISTRY[task]))
+    check_name(f"{task} backbone for {arch}", backbone, REGISTRY[task][arch])
+
+
+def default_taps(task: str, arch: str, backbone: str) -> tuple[list[str], list[int]]:
+    """``(taps, tap_channels)`` that :func:`build_model` would attach, without building."""
+    _check(task, arch, backbone)
+    if task == "detection":
+        return list(DETECTION_TAPS), [FPN_CHANNELS] * 5
+    return list(SEGMENTATION_TAPS), [LAYER4_CHANNELS[backbone]]
+
+
+def build_model(task: str, arch: str, backbone: str, num_classes: int, **kwargs: Any) -> ModelSpec:
+    """Build ``arch`` on ``backbone`` for ``task`` and wrap it in a :class:`ModelSpec`.
+
+    ``task="detection"``: :func:`~freekd.models.detection.build_detector` (``num_classes`` =
+    object classes ``K``, labels ``1..K``). ``task="segmentation"``:
+    :func:`~freekd.models.segmentation.build_segmenter` (``num_classes`` = mask classes).
+    ``kwargs`` go to the builder (``weights``, ``weights_backbone``, ``min_size``,
+    ``output_stride``, ...); for segmenters ``weights_backbone`` is accepted as another name of
+    ``encoder_weights`` (``"DEFAULT"``: torchvision's ImageNet weights in both tasks).
+    """
+    _check(task, arch, backbone)
+    taps, channels = default_taps(task, arch, backbone)
+    if task == "detection":
+        model = build_detector(arch, backbone, num_classes, **kwargs)
+        task_loss, predict = detection_loss, detection_predict
+    else:
+        if "weights_backbone" in kwargs:  # one name for the ImageNet backbone in both tasks
+            if "encoder_weights" in kwargs:
+                raise ValueError("pass weights_backbone or encoder_weights, not both")
+            kwargs["encoder_weights"] = kwargs.pop("weights_backbone")
+        model = build_segmenter(arch, backbone, num_classes, **kwargs)
+        task_loss, predict = segmentation_loss, segmentation_predict
+    return ModelSpec(
+        model=model,
+        taps=taps,
+        tap_channels=channels,
+        task_loss=task_loss,
+        predict=predict,
+        task=task,
+        arch=arch,
+        backbone=backbone,
+        num_classes=num_classes,
+        options=dict(kwargs),
+    )
+
+
+def available_models() -> dict[str, dict[str, tuple[str, ...]]]:
+    """``{task: {arch: backbones}}`` accepted by :func:`build_model`."""
+    return {task: dict(archs) for task, archs in REGISTRY.items()}
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements of ``model`` (only those with ``requires_grad`` if asked)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
