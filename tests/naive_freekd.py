@@ -94,7 +94,9 @@ def naive_layer_loss(
     coeffs_t = naive_wavedec2(teacher, wavelet, levels)
     coeffs_s = naive_wavedec2(student, wavelet, levels)
     weight = (
-        torch.ones(n, c, 1, 1, dtype=teacher.dtype) if omega is None else omega[..., None, None]
+        torch.ones(n, c, 1, 1, dtype=teacher.dtype, device=teacher.device)
+        if omega is None
+        else omega[..., None, None]
     )
     per_level = 3 if granularity == "band" else 1
     total = teacher.new_zeros(())
