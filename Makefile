@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/distil_random_pyramid.py
+	$(BIN)/freekd demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

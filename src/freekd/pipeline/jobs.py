@@ -1,0 +1,519 @@
+"""The jobs that ``freekd`` runs, each from a :class:`~freekd.pipeline.config.RunConfig`.
+
+Run folder (``config.run_dir``)::
+
+    teacher/            train-teacher: checkpoints/, logs/, config.yaml, teacher.safetensors
+    prompts/            tune-prompts: ..., prompts.safetensors
+    student_freekd/     distill: ..., student.safetensors (student only), metrics.json
+    student_baseline/   distill --baseline (the student on its task loss alone): student.safetensors
+    masks.png           visualize
+
+Every job refuses a job folder that already holds a run unless ``force`` (which clears it) or
+``resume`` (which continues it exactly from a checkpoint: ``"last"``, ``"auto"``, a ``.ckpt``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from ..checkpoints import export_student
+from ..distill import Distiller, OutputLoss
+from ..train import DistillModule, PromptTuningModule, TeacherModule, fit
+from .builders import (
+    build_data,
+    build_freekd_loss,
+    build_spec,
+    example_batch,
+    job_dir,
+    load_model_weights,
+    num_classes_of,
+    resolve_device,
+    tap_channels,
+    train_loader,
+    trainer_config,
+    val_loader,
+)
+from .config import ModelSection, RunConfig, dump_config
+from .losses import FeatureMSE
+
+__all__ = [
+    "HEAD_TAPS",
+    "JobResult",
+    "distill",
+    "evaluate_model",
+    "export",
+    "prompts_file",
+    "teacher_weights",
+    "train_baseline",
+    "train_teacher",
+    "tune_prompts",
+    "visualize",
+]
+
+logger = logging.getLogger("freekd")
+
+HEAD_TAPS = {
+    "retinanet": "head.regression_head",
+    "fcos": "head.regression_head:0",
+}
+"""Default box-regression head outputs for the official recipes' SmoothL1 term."""
+
+PRIMARY_METRIC = {"segmentation": "mIoU", "detection": "AP"}
+
+
+@dataclass
+class JobResult:
+    """What a job produced: its folder, output files, last logged values, wall time."""
+
+    name: str
+    directory: Path
+    outputs: dict[str, Path] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    completed: bool = True
+
+
+class _WriteConfig(pl.Callback):
+    """Writes the run's configuration into the job folder once the folder is prepared."""
+
+    def __init__(self, config: RunConfig, directory: Path) -> None:
+        self.config, self.directory = config, directory
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            dump_config(self.config, self.directory / "config.yaml")
+
+
+def _metadata(config: RunConfig, section: ModelSection, role: str, num_classes: int) -> dict:
+    return {
+        "task": config.task,
+        "arch": section.arch,
+        "backbone": section.backbone,
+        "num_classes": num_classes,
+        "args": section.args,
+        "role": role,
+    }
+
+
+def _fit(
+    config: RunConfig,
+    module: pl.LightningModule,
+    loader: Any,
+    directory: Path,
+    steps: int,
+    resume: str | None,
+    force: bool,
+    val: Any = None,
+) -> tuple[Any, bool]:
+    result = fit(
+        module,
+        loader,
+        val,
+        trainer_config(config, directory, steps),
+        resume=resume,
+        force=force,
+        callbacks=[_WriteConfig(config, directory)],
+    )
+    return result, result.global_step >= steps
+
+
+def _segmentation_val(config: RunConfig) -> Any:
+    """A validation loader for periodic validation (the task loss on the val set), when
+    ``train.val_every_steps`` asks for it; detectors give no loss in eval mode."""
+    if config.train.val_every_steps is None:
+        return None
+    if config.task == "detection":
+        raise ValueError(
+            "train.val_every_steps: periodic validation is done for segmentation only "
+            "(torchvision detectors give no loss in eval mode); run freekd evaluate on a "
+            "checkpoint instead, and set val_every_steps: null"
+        )
+    return val_loader(config, build_data(config, "val"))
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def teacher_weights(config: RunConfig) -> Path:
+    """The teacher's weights: ``teacher.checkpoint``, else what ``train-teacher`` wrote."""
+    if config.teacher.checkpoint:
+        path = Path(config.teacher.checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"teacher.checkpoint {str(path)!r} does not exist: fix the path, or set it to "
+                f"null and run freekd train-teacher"
+            )
+        return path
+    path = job_dir(config, "teacher") / "teacher.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no teacher weights: teacher.checkpoint is not set and {str(path)!r} does not "
+            f"exist; set teacher.checkpoint or run freekd train-teacher first"
+        )
+    return path
+
+
+def prompts_file(config: RunConfig) -> Path:
+    """The tuned prompts: ``prompts.file``, else what ``tune-prompts`` wrote."""
+    path = Path(config.prompts.file or job_dir(config, "prompts") / "prompts.safetensors")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no tuned prompts at {str(path)!r}: run freekd tune-prompts first, or set prompts.file"
+        )
+    return path
+
+
+def _teacher(config: RunConfig, num_classes: int, checkpoint: str | os.PathLike | None = None):
+    spec = build_spec(config, config.teacher, num_classes)
+    path = Path(checkpoint) if checkpoint is not None else teacher_weights(config)
+    report = load_model_weights(spec.model, path, "teacher")
+    logger.info(
+        "teacher %s/%s: %s from %s", config.teacher.arch, config.teacher.backbone, report, path
+    )
+    return spec
+
+
+def _taps(config: RunConfig, spec: Any, role: str) -> list[str]:
+    taps = config.distill.teacher_taps if role == "teacher" else config.distill.student_taps
+    return list(taps) if taps else list(spec.taps)
+
+
+def _channels(config: RunConfig, spec: Any, batch: Any) -> list[int]:
+    taps = _taps(config, spec, "teacher")
+    if taps == list(spec.taps):
+        return list(spec.tap_channels)
+    return tap_channels(spec.model, taps, batch[0])
+
+
+# ---------------------------------------------------------------------------- jobs
+
+
+def _train_model(
+    config: RunConfig,
+    role: str,
+    section: ModelSection,
+    output: str,
+    resume: str | None,
+    force: bool,
+) -> JobResult:
+    start = time.perf_counter()
+    directory = job_dir(config, role)
+    train_set = build_data(config, "train")
+    num_classes = num_classes_of(train_set)
+    torch.manual_seed(config.seed)  # the weights are built before fit() seeds the run
+    spec = build_spec(config, section, num_classes)
+    job = section.train
+    module = TeacherModule(spec.model, spec.task_loss, job.optimizer, job.schedule)
+    result, done = _fit(
+        config,
+        module,
+        train_loader(config, train_set),
+        directory,
+        job.steps,
+        resume,
+        force,
+        _segmentation_val(config),
+    )
+    outputs = {}
+    if done:
+        outputs["weights"] = export_student(
+            spec.model, directory / output, _metadata(config, section, role, num_classes)
+        )
+    return JobResult(role, directory, outputs, result.metrics, time.perf_counter() - start, done)
+
+
+def train_teacher(config: RunConfig, resume: str | None = None, force: bool = False) -> JobResult:
+    """Train the teacher on its task loss (``teacher.train``) -> ``teacher/teacher.safetensors``.
+
+    Refuses when ``teacher.checkpoint`` is set (the teacher is given)."""
+    if config.teacher.checkpoint:
+        raise ValueError(
+            f"teacher.checkpoint is set ({config.teacher.checkpoint!r}): that teacher is used as "
+            f"it is; to train one into {job_dir(config, 'teacher')}, unset it "
+            f"(--set teacher.checkpoint=null)"
+        )
+    return _train_model(config, "teacher", config.teacher, "teacher.safetensors", resume, force)
+
+
+def train_baseline(config: RunConfig, resume: str | None = None, force: bool = False) -> JobResult:
+    """Train the student on its task loss alone, with the student's job settings (the
+    baseline FreeKD is compared with) -> ``student_baseline/student.safetensors``."""
+    return _train_model(config, "baseline", config.student, "student.safetensors", resume, force)
+
+
+def tune_prompts(config: RunConfig, resume: str | None = None, force: bool = False) -> JobResult:
+    """Stage 1: tune the prompts on the frozen teacher -> ``prompts/prompts.safetensors``."""
+    start = time.perf_counter()
+    directory = job_dir(config, "prompts")
+    train_set = build_data(config, "train")
+    spec = _teacher(config, num_classes_of(train_set))
+    batch = example_batch(config, train_set)
+    torch.manual_seed(config.seed)
+    loss = build_freekd_loss(config, _channels(config, spec, batch))
+    from ..tuning import PromptTuner
+
+    tuner = PromptTuner(
+        spec.model,
+        _taps(config, spec, "teacher"),
+        loss,
+        spec.task_loss,
+        dissimilarity_weight=config.prompts.dissimilarity_weight,
+    )
+    job = config.prompts
+    module = PromptTuningModule(
+        tuner, job.optimizer, job.schedule, prompts_path=directory / "prompts.safetensors"
+    )
+    loader = train_loader(config, train_set, job.batch_size)
+    result, done = _fit(config, module, loader, directory, job.steps, resume, force)
+    outputs = {"prompts": directory / "prompts.safetensors"} if done else {}
+    return JobResult(
+        "prompts", directory, outputs, result.metrics, time.perf_counter() - start, done
+    )
+
+
+def _output_losses(config: RunConfig) -> dict[str, OutputLoss]:
+    settings = config.distill
+    if settings.head_weight == 0:
+        return {}
+    teacher_head = settings.teacher_head or HEAD_TAPS.get(config.teacher.arch)
+    student_head = settings.student_head or HEAD_TAPS.get(config.student.arch)
+    if teacher_head is None or student_head is None:
+        raise ValueError(
+            f"distill.head_weight > 0 compares box-regression head outputs, which have no "
+            f"default for {config.teacher.arch} / {config.student.arch} (Faster R-CNN's box "
+            f"head runs on proposals that differ between the models): set "
+            f"distill.teacher_head and distill.student_head, or head_weight: 0"
+        )
+    loss = nn.SmoothL1Loss()
+    return {"head": OutputLoss(teacher_head, student_head, loss, settings.head_weight)}
+
+
+def distill(config: RunConfig, resume: str | None = None, force: bool = False) -> JobResult:
+    """Stage 2: distil the student from the teacher with the tuned prompts (``mu`` * FreeKD,
+    plus the official recipe's MSE and head terms when their weights are > 0) ->
+    ``student_freekd/student.safetensors``."""
+    start = time.perf_counter()
+    directory = job_dir(config, "student")
+    train_set = build_data(config, "train")
+    num_classes = num_classes_of(train_set)
+    teacher = _teacher(config, num_classes)
+    batch = example_batch(config, train_set)
+    loss = build_freekd_loss(config, _channels(config, teacher, batch))
+    loss.load_prompts(prompts_file(config))
+    settings = config.distill
+    feature_losses: dict[str, nn.Module] = {"freekd": loss}
+    weights = {"freekd": settings.mu}
+    if settings.mse_weight > 0:
+        feature_losses["mse"] = FeatureMSE()
+        weights["mse"] = settings.mse_weight
+    torch.manual_seed(config.seed)  # the student as in the baseline run
+    student = build_spec(config, config.student, num_classes)
+    distiller = Distiller(
+        teacher.model,
+        student.model,
+        _taps(config, teacher, "teacher"),
+        _taps(config, student, "student"),
+        feature_losses,
+        student.task_loss,
+        example_batch=batch,
+        loss_weights=weights,
+        projection=settings.projection,
+        output_losses=_output_losses(config),
+    )
+    job = config.student.train
+    module = DistillModule(
+        distiller, job.optimizer, job.schedule, student_path=directory / "student.safetensors"
+    )
+    result, done = _fit(
+        config,
+        module,
+        train_loader(config, train_set),
+        directory,
+        job.steps,
+        resume,
+        force,
+        _segmentation_val(config),
+    )
+    outputs = {}
+    if done:  # again, with the architecture in the metadata
+        outputs["weights"] = export_student(
+            student.model,
+            directory / "student.safetensors",
+            _metadata(config, config.student, "student", num_classes),
+        )
+    return JobResult(
+        "student", directory, outputs, result.metrics, time.perf_counter() - start, done
+    )
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def default_weights(config: RunConfig, role: str) -> Path:
+    """The weights a role's job produced (``teacher``: see :func:`teacher_weights`)."""
+    if role == "teacher":
+        return teacher_weights(config)
+    path = job_dir(config, role) / "student.safetensors"
+    if not path.is_file():
+        job = "distill" if role == "student" else "distill --baseline"
+        raise FileNotFoundError(
+            f"no {role} weights at {str(path)!r}: run freekd {job} first, or pass --checkpoint"
+        )
+    return path
+
+
+def _finite(value: Any) -> Any:
+    """NaN / inf as ``None`` (valid JSON), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_json(data: Any, path: str | os.PathLike) -> Path:
+    """``data`` as indented JSON (NaN as null), written atomically."""
+    from .._io import atomic_write
+
+    text = json.dumps(_finite(data), indent=2) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def evaluate_model(
+    config: RunConfig,
+    role: str = "student",
+    checkpoint: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Score a teacher, FreeKD student or baseline student on the validation set.
+
+    ``role``: ``teacher`` | ``student`` | ``baseline`` (which architecture, and where its
+    weights are by default); ``checkpoint``: a ``.safetensors`` / ``.pt`` file or a job's
+    Lightning ``.ckpt``. Returns and writes (``output``, default ``<job folder>/metrics.json``)
+    ``{task, role, arch, backbone, checkpoint, parameters, metric, value, scores}``.
+    """
+    from ..evaluation import evaluate
+    from ..models import count_parameters
+
+    if role not in ("teacher", "student", "baseline"):
+        raise ValueError(f"unknown model {role!r}: choose teacher, student or baseline")
+    val_set = build_data(config, "val")
+    num_classes = num_classes_of(val_set)
+    section = config.teacher if role == "teacher" else config.student
+    path = Path(checkpoint) if checkpoint is not None else default_weights(config, role)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist: check the path")
+    spec = build_spec(config, section, num_classes)
+    load_model_weights(spec.model, path, role)
+    device = resolve_device(config.device)
+    loader = val_loader(config, val_set)
+    kwargs: dict[str, Any] = {"device": device}
+    if config.task == "segmentation":
+        kwargs["num_classes"] = num_classes
+    else:
+        base = getattr(val_set, "dataset", val_set)
+        mapping = getattr(base, "label_to_category_id", None)
+        if mapping is not None:
+            kwargs["label_to_category_id"] = mapping
+        annotation = getattr(base, "annotation_file", None)
+        if annotation is not None and val_set is base:
+            kwargs["annotation_file"] = annotation
+    start = time.perf_counter()
+    scores = evaluate(config.task, spec.model, loader, **kwargs)
+    metric = PRIMARY_METRIC[config.task]
+    result = {
+        "task": config.task,
+        "role": role,
+        "arch": section.arch,
+        "backbone": section.backbone,
+        "checkpoint": str(path),
+        "parameters": count_parameters(spec.model),
+        "metric": metric,
+        "value": scores[metric],
+        "images": len(val_set),  # type: ignore[arg-type]
+        "seconds": round(time.perf_counter() - start, 2),
+        "scores": scores,
+    }
+    target = Path(output) if output is not None else job_dir(config, role) / "metrics.json"
+    write_json(result, target)
+    result["output"] = str(target)
+    return result
+
+
+# ---------------------------------------------------------------------------- export, masks
+
+
+def export(
+    config: RunConfig,
+    checkpoint: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    role: str = "student",
+) -> Path:
+    """Student-only safetensors from a distillation (or baseline) run's Lightning checkpoint
+    (default ``student_freekd/checkpoints/last.ckpt``), checked by loading it with
+    ``strict=True`` into a freshly built student. Default output:
+    ``<job folder>/exported/<checkpoint name>.safetensors``."""
+    import safetensors.torch
+
+    if role not in ("student", "baseline"):
+        raise ValueError(f"export writes students: role must be student or baseline, got {role!r}")
+    directory = job_dir(config, role)
+    path = Path(checkpoint) if checkpoint is not None else directory / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} does not exist: run freekd distill first or pass "
+            f"--checkpoint"
+        )
+    num_classes = num_classes_of(build_data(config, "val"))
+    spec = build_spec(config, config.student, num_classes)
+    load_model_weights(spec.model, path, role)
+    target = (
+        Path(output) if output is not None else directory / "exported" / f"{path.stem}.safetensors"
+    )
+    export_student(spec.model, target, _metadata(config, config.student, role, num_classes))
+    fresh = build_spec(config, config.student, num_classes).model
+    fresh.load_state_dict(safetensors.torch.load_file(str(target)), strict=True)
+    return target
+
+
+def visualize(
+    config: RunConfig,
+    checkpoint: str | os.PathLike | None = None,
+    prompts: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    index: int = 0,
+    split: str = "val",
+) -> Path:
+    """The learned frequency masks of the teacher's prompts over image ``index`` of ``split``
+    (PNG; default ``run_dir/masks.png``). Rows: distilled layers; columns: the image, the low
+    band, each level (mean over the prompts), then each prompt's mask of the finest level."""
+    from ..viz import render_prompt_masks
+
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be train or val, got {split!r}")
+    dataset = build_data(config, split)
+    if not 0 <= index < len(dataset):  # type: ignore[arg-type]
+        raise ValueError(f"--index {index} is outside the {split} set (0..{len(dataset) - 1})")  # type: ignore[arg-type]
+    spec = _teacher(config, num_classes_of(dataset), checkpoint)
+    image = dataset[index][0]
+    batch = example_batch(config, dataset, 1)
+    loss = build_freekd_loss(config, _channels(config, spec, batch))
+    loss.load_prompts(Path(prompts) if prompts is not None else prompts_file(config))
+    target = Path(output) if output is not None else Path(config.run_dir) / "masks.png"
+    inputs = [image] if config.task == "detection" else image[None]
+    return render_prompt_masks(
+        spec.model, _taps(config, spec, "teacher"), loss, image, target, model_input=inputs
+    )

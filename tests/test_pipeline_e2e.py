@@ -1,0 +1,149 @@
+"""End to end on the built-in digits: ``freekd demo`` at a tiny size (a few steps at 32 px),
+then ``export``, ``evaluate``, ``visualize`` and a resumed demo on its run folder; the separate
+subcommands on a tiny detection run (slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+from typer.testing import CliRunner
+
+from freekd.cli import app
+from freekd.models import build_model
+
+TINY_SEGMENTATION = [
+    "teacher.backbone=resnet18",
+    "teacher.train.steps=2",
+    "student.train.steps=2",
+    "prompts.steps=2",
+    "data.args.size=32",
+    "data.crop_size=32",
+    "data.train_args.length=8",
+    "data.val_args.length=4",
+    "data.batch_size=2",
+    "data.val_batch_size=4",
+    "train.checkpoint_every_steps=1",
+    "train.log_every_steps=1",
+]
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [item for override in overrides for item in ("--set", override)]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    result = invoke(
+        "demo", "--quick", "--run-dir", run_dir, "--device", "cpu", *sets(TINY_SEGMENTATION)
+    )
+    assert result.exit_code == 0, result.output
+    assert "FreeKD student" in result.output and "baseline student" in result.output
+    return run_dir
+
+
+def student_model():
+    return build_model("segmentation", "pspnet", "resnet18", num_classes=11).model
+
+
+def test_demo_run_folder(demo_run):
+    for name in ("config.yaml", "metrics.json", "masks.png"):
+        assert (demo_run / name).is_file(), name
+    for folder, output in (
+        ("teacher", "teacher.safetensors"),
+        ("student_baseline", "student.safetensors"),
+        ("prompts", "prompts.safetensors"),
+        ("student_freekd", "student.safetensors"),
+    ):
+        assert (demo_run / folder / output).is_file()
+        assert (demo_run / folder / "checkpoints" / "last.ckpt").is_file()
+        assert list((demo_run / folder / "logs").glob("version_*/metrics.csv"))
+    summary = json.loads((demo_run / "metrics.json").read_text())
+    assert [row["role"] for row in summary["rows"]] == ["teacher", "baseline", "student"]
+    assert summary["metric"] == "mIoU"
+    assert all(0 <= row["value"] <= 100 for row in summary["rows"])
+    assert summary["rows"][1]["parameters"] == summary["rows"][2]["parameters"]
+
+
+def test_student_loads_strictly_into_the_plain_model(demo_run):
+    model = student_model()
+    state = safetensors.torch.load_file(str(demo_run / "student_freekd" / "student.safetensors"))
+    model.load_state_dict(state, strict=True)
+
+
+def test_export_from_the_distillation_checkpoint(demo_run, tmp_path):
+    output = tmp_path / "student.safetensors"
+    config = demo_run / "config.yaml"
+    result = invoke("export", "-c", config, "--output", output)
+    assert result.exit_code == 0, result.output
+    model = student_model()
+    model.load_state_dict(safetensors.torch.load_file(str(output)), strict=True)
+    exported = safetensors.torch.load_file(str(demo_run / "student_freekd" / "student.safetensors"))
+    assert all((model.state_dict()[k] == v).all() for k, v in exported.items())
+
+
+def test_evaluate_and_visualize(demo_run, tmp_path):
+    config = demo_run / "config.yaml"
+    output = tmp_path / "baseline.json"
+    result = invoke("evaluate", "-c", config, "--model", "baseline", "--output", output)
+    assert result.exit_code == 0, result.output
+    scores = json.loads(output.read_text())
+    assert scores["role"] == "baseline" and "mIoU" in scores["scores"]
+    picture = tmp_path / "masks.png"
+    result = invoke("visualize", "-c", config, "--index", "1", "--output", picture)
+    assert result.exit_code == 0, result.output
+    assert picture.stat().st_size > 0
+
+
+def test_demo_refuses_a_used_folder_and_resumes(demo_run):
+    again = invoke("demo", "--quick", "--run-dir", demo_run, *sets(TINY_SEGMENTATION))
+    assert again.exit_code == 2 and "--resume" in again.stderr
+    resumed = invoke("demo", "--quick", "--run-dir", demo_run, "--resume", *sets(TINY_SEGMENTATION))
+    assert resumed.exit_code == 0, resumed.output
+    assert resumed.output.count("already done") == 4
+
+
+@pytest.mark.slow
+def test_subcommands_on_tiny_detection(tmp_path):
+    """train-teacher, distill --baseline, tune-prompts, distill (official preset with the MSE
+    and head terms), evaluate, export on RetinaNet-R18 at 64 px."""
+    overrides = sets(
+        [
+            "teacher.backbone=resnet18",
+            "teacher.args={min_size: 64, max_size: 64}",
+            "student.args={min_size: 64, max_size: 64}",
+            "teacher.train.steps=2",
+            "student.train.steps=2",
+            "prompts.steps=2",
+            "data.args.size=64",
+            "data.train_args.length=4",
+            "data.val_args.length=4",
+            "data.batch_size=2",
+            "distill.preset=official",
+            "distill.mse_weight=5",
+            "distill.head_weight=1",
+            "distill.projection=always",
+        ]
+    )
+    config = Path(__file__).resolve().parents[1] / "configs" / "digits_demo_detection.yaml"
+    common = ["-c", config, "--run-dir", tmp_path / "run", "--device", "cpu", *overrides]
+    for command in (["train-teacher"], ["distill", "--baseline"], ["tune-prompts"], ["distill"]):
+        result = invoke(*command, *common)
+        assert result.exit_code == 0, (command, result.output)
+    result = invoke("evaluate", *common, "--model", "student")
+    assert result.exit_code == 0 and "AP =" in result.output
+    result = invoke("export", *common[:4], *overrides)
+    assert result.exit_code == 0, result.output
+    # A second run into the same folder is refused, --force clears it.
+    assert invoke("train-teacher", *common).exit_code == 2
+    assert invoke("train-teacher", *common, "--force").exit_code == 0
