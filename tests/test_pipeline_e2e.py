@@ -1,6 +1,6 @@
 """End to end on the built-in digits: ``freekd demo`` at a tiny size (a few steps at 32 px),
 then ``export``, ``evaluate``, ``visualize`` and a resumed demo on its run folder; the separate
-subcommands on a tiny detection run (slow)."""
+subcommands on a tiny detection run with the official preset's extra terms."""
 
 from __future__ import annotations
 
@@ -113,7 +113,6 @@ def test_demo_refuses_a_used_folder_and_resumes(demo_run):
     assert resumed.output.count("already done") == 4
 
 
-@pytest.mark.slow
 def test_subcommands_on_tiny_detection(tmp_path):
     """train-teacher, distill --baseline, tune-prompts, distill (official preset with the MSE
     and head terms), evaluate, export on RetinaNet-R18 at 64 px."""

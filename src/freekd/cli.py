@@ -485,7 +485,7 @@ def demo_command(
         typer.Option("--task", help="segmentation (default, the faster one), detection, or both."),
     ] = DemoTask.segmentation,
     quick: Annotated[
-        bool, typer.Option("--quick", help="Fewer steps and images: about 3 minutes on a CPU.")
+        bool, typer.Option("--quick", help="Fewer steps and images: under 3 minutes on a CPU.")
     ] = False,
     config: Annotated[
         Path | None,
@@ -518,8 +518,8 @@ def demo_command(
     Trains a teacher and a baseline student, tunes the prompts, distils a FreeKD student with
     the baseline's settings, and scores the three (mIoU or COCO AP, parameter counts). CPU by
     default, a GPU when present. The run folder holds config.yaml, metrics.json, masks.png and
-    teacher/, student_baseline/, prompts/, student_freekd/ with logs and checkpoints. About 15
-    minutes on a 2-core CPU for segmentation (--quick: about 3).
+    teacher/, student_baseline/, prompts/, student_freekd/ with logs and checkpoints. About 12
+    minutes on a 2-core CPU for segmentation (--quick: under 3).
     """
 
     def job() -> None:

@@ -112,7 +112,7 @@ DEMO_CONFIGS: dict[str, dict[str, Any]] = {
             "backbone": "resnet34",
             "args": {"min_size": 96, "max_size": 96},
             "train": {
-                "steps": 400,
+                "steps": 300,
                 "optimizer": {"name": "adamw", "lr": 0.0005, "weight_decay": 0.0001},
                 "schedule": {"kind": "cosine", "warmup_steps": 50, "min_lr": 0.000005},
             },
@@ -122,7 +122,7 @@ DEMO_CONFIGS: dict[str, dict[str, Any]] = {
             "backbone": "resnet18",
             "args": {"min_size": 96, "max_size": 96},
             "train": {
-                "steps": 200,
+                "steps": 150,
                 "optimizer": {"name": "adamw", "lr": 0.0005, "weight_decay": 0.0001},
                 "schedule": {"kind": "cosine", "warmup_steps": 50, "min_lr": 0.000005},
             },
@@ -151,8 +151,8 @@ QUICK_OVERRIDES: dict[str, list[str]] = {
         "data.val_args.length=50",
     ],
     "detection": [
-        "teacher.train.steps=80",
-        "student.train.steps=40",
+        "teacher.train.steps=60",
+        "student.train.steps=30",
         "prompts.steps=10",
         "data.val_args.length=40",
     ],
