@@ -128,6 +128,36 @@ def _fit(
     return result, result.global_step >= steps
 
 
+def _train_and_export(
+    config: RunConfig,
+    module: pl.LightningModule,
+    train_set: Any,
+    directory: Path,
+    steps: int,
+    resume: str | None,
+    force: bool,
+    model: Any,
+    weights_path: Path,
+    metadata: dict[str, Any],
+    role: str,
+    start: float,
+) -> JobResult:
+    """Fit ``module`` (with periodic validation when asked) and, when the run reached its last
+    step, export ``model``'s state dict with ``metadata`` to ``weights_path``."""
+    result, done = _fit(
+        config,
+        module,
+        train_loader(config, train_set),
+        directory,
+        steps,
+        resume,
+        force,
+        _segmentation_val(config),
+    )
+    outputs = {"weights": export_student(model, weights_path, metadata)} if done else {}
+    return JobResult(role, directory, outputs, result.metrics, time.perf_counter() - start, done)
+
+
 def _segmentation_val(config: RunConfig) -> Any:
     """A validation loader for periodic validation (the task loss on the val set), when
     ``train.val_every_steps`` asks for it; detectors give no loss in eval mode."""
@@ -215,22 +245,20 @@ def _train_model(
     spec = build_spec(config, section, num_classes)
     job = section.train
     module = TeacherModule(spec.model, spec.task_loss, job.optimizer, job.schedule)
-    result, done = _fit(
+    return _train_and_export(
         config,
         module,
-        train_loader(config, train_set),
+        train_set,
         directory,
         job.steps,
         resume,
         force,
-        _segmentation_val(config),
+        spec.model,
+        directory / output,
+        _metadata(config, section, role, num_classes),
+        role,
+        start,
     )
-    outputs = {}
-    if done:
-        outputs["weights"] = export_student(
-            spec.model, directory / output, _metadata(config, section, role, num_classes)
-        )
-    return JobResult(role, directory, outputs, result.metrics, time.perf_counter() - start, done)
 
 
 def train_teacher(config: RunConfig, resume: str | None = None, force: bool = False) -> JobResult:
@@ -335,25 +363,20 @@ def distill(config: RunConfig, resume: str | None = None, force: bool = False) -
     module = DistillModule(
         distiller, job.optimizer, job.schedule, student_path=directory / "student.safetensors"
     )
-    result, done = _fit(
+    # DistillModule exported already; export again with the architecture in the metadata.
+    return _train_and_export(
         config,
         module,
-        train_loader(config, train_set),
+        train_set,
         directory,
         job.steps,
         resume,
         force,
-        _segmentation_val(config),
-    )
-    outputs = {}
-    if done:  # again, with the architecture in the metadata
-        outputs["weights"] = export_student(
-            student.model,
-            directory / "student.safetensors",
-            _metadata(config, config.student, "student", num_classes),
-        )
-    return JobResult(
-        "student", directory, outputs, result.metrics, time.perf_counter() - start, done
+        student.model,
+        directory / "student.safetensors",
+        _metadata(config, config.student, "student", num_classes),
+        "student",
+        start,
     )
 
 
