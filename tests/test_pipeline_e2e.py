@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
+import torch
 from typer.testing import CliRunner
 
 from freekd.cli import app
@@ -103,6 +104,28 @@ def test_evaluate_and_visualize(demo_run, tmp_path):
     result = invoke("visualize", "-c", config, "--index", "1", "--output", picture)
     assert result.exit_code == 0, result.output
     assert picture.stat().st_size > 0
+
+
+@pytest.mark.parametrize("method", ["mgd", "frequency"])
+def test_distill_with_a_baseline_method(demo_run, method):
+    config = demo_run / "config.yaml"
+    result = invoke("distill", "-c", config, *sets([f"distill.method={method}"]))
+    assert result.exit_code == 0, result.output
+    weights = demo_run / f"student_{method}" / "student.safetensors"
+    distilled = safetensors.torch.load_file(str(weights))
+    baseline = safetensors.torch.load_file(
+        str(demo_run / "student_baseline" / "student.safetensors")
+    )
+    # Same initial weights and batches as the baseline: only the distillation term differs.
+    assert distilled.keys() == baseline.keys()
+    assert any(not torch.equal(distilled[k], baseline[k]) for k in baseline)
+    bad = invoke(
+        "distill",
+        "-c",
+        config,
+        *sets([f"distill.method={method}", "distill.method_args={nope: 1}"]),
+    )
+    assert bad.exit_code == 2 and "distill.method_args" in bad.stderr and "nope" in bad.stderr
 
 
 def test_demo_refuses_a_used_folder_and_resumes(demo_run):

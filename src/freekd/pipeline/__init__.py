@@ -10,6 +10,7 @@ teacher, tune prompts, distil, evaluate, export, visualize) and the demo
 Needs the pipeline's dependencies (Lightning, torchvision, smp, pycocotools, PyYAML).
 """
 
+from ..losses import FeatureMSE
 from .config import RunConfig, dump_config, load_config
 from .jobs import (
     JobResult,
@@ -21,7 +22,6 @@ from .jobs import (
     tune_prompts,
     visualize,
 )
-from .losses import FeatureMSE
 from .schema import ConfigError
 
 __all__ = [

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..checkpoints import LoadReport, load_weights, read_state_dict
-from ..losses.freekd import FreeKDLoss
+from ..losses import BASELINES, FreeKDLoss
 from ..taps import FeatureTaps
 from ..train import TrainConfig, make_train_loader, make_val_loader
 from .config import ModelSection, RunConfig
@@ -24,6 +24,7 @@ from .config import ModelSection, RunConfig
 __all__ = [
     "ROLE_DIRS",
     "build_data",
+    "build_baseline_loss",
     "build_freekd_loss",
     "build_spec",
     "example_batch",
@@ -56,7 +57,10 @@ _CHECKPOINT_PREFIXES = {
 
 
 def job_dir(config: RunConfig, role: str) -> Path:
-    """``run_dir/<teacher | prompts | student_freekd | student_baseline>``."""
+    """``run_dir/<teacher | prompts | student_freekd | student_baseline>``; a student distilled
+    with a baseline loss (``distill.method``) writes ``student_<method>``."""
+    if role == "student" and config.distill.method != "freekd":
+        return Path(config.run_dir) / f"student_{config.distill.method}"
     return Path(config.run_dir) / ROLE_DIRS[role]
 
 
@@ -263,4 +267,21 @@ def build_freekd_loss(config: RunConfig, channels: list[int]) -> FreeKDLoss:
         raise ValueError(
             f"distill.loss: {error}; valid keys: num_prompts, levels, wavelet, granularity, "
             f"dissimilarity, relational, include_low, loss_weight, gate"
+        ) from None
+
+
+def build_baseline_loss(config: RunConfig, channels: list[int]) -> nn.Module:
+    """The loss of ``distill.method`` (not ``freekd``) with ``distill.method_args``."""
+    method = config.distill.method
+    loss_class = BASELINES[method]
+    args = dict(config.distill.method_args)
+    if method in ("mgd", "frequency") and "channels" not in args:
+        args["channels"] = channels
+    try:
+        return loss_class(**args)
+    except TypeError as error:
+        valid = [n for n in inspect.signature(loss_class).parameters if n != "channels"]
+        raise ValueError(
+            f"distill.method_args for method {method!r}: {error}; valid keys: "
+            f"{', '.join(valid) or 'none'}"
         ) from None

@@ -8,7 +8,7 @@ One YAML file describes a whole FreeKD project (see ``docs/cli.md`` and ``config
     teacher: {arch: pspnet, backbone: resnet50, checkpoint: null, args: {}, train: {...}}
     student: {arch: pspnet, backbone: resnet18, args: {}, train: {steps, optimizer, schedule}}
     prompts: {steps: 2000, optimizer: {...}, schedule: {...}, dissimilarity_weight: 1.0}
-    distill: {preset: paper, mu: 1.0, projection: auto, mse_weight: 0, head_weight: 0, ...}
+    distill: {method: freekd, preset: paper, mu: 1.0, projection: auto, mse_weight: 0, ...}
     train:   {precision: 32-true, grad_clip_norm: null, devices: auto, ...}  # trainer settings
 
 :func:`load_config` reads a file, applies ``--set key.sub=value`` overrides (values parsed as
@@ -167,8 +167,13 @@ class PromptsSection(JobSection):
 
 @dataclass
 class DistillSection:
-    """Stage 2: the FreeKD loss and the other distillation terms.
+    """Stage 2: the FreeKD loss (or a baseline loss) and the other distillation terms.
 
+    ``method``: ``freekd`` (default) or a baseline it is compared with, from
+    :data:`freekd.losses.BASELINES`: ``mse`` (FitNet), ``cwd``, ``mgd``, ``frequency`` (FreeKD
+    without prompts); ``method_args`` are the baseline's keyword arguments (``tau``; ``alpha``,
+    ``mask_ratio``; ``levels``, ``wavelet``, ``include_low``, ``relational``). A baseline needs no
+    prompts and writes ``run_dir/student_<method>``; ``mu`` weights it as it weights FreeKD.
     ``preset``: ``paper`` or ``official`` (:meth:`freekd.FreeKDLoss.preset`), ``loss``: its
     overrides (``num_prompts``, ``levels``, ``wavelet``, ``granularity``, ``dissimilarity``,
     ``relational``, ``include_low``, ``gate``, ``loss_weight``). ``mu`` weights the FreeKD term.
@@ -179,6 +184,8 @@ class DistillSection:
     ``head.regression_head`` for RetinaNet).
     """
 
+    method: Literal["freekd", "mse", "cwd", "mgd", "frequency"] = "freekd"
+    method_args: dict[str, Any] = field(default_factory=dict)
     preset: Literal["paper", "official"] = "paper"
     loss: dict[str, Any] = field(default_factory=dict)
     mu: float = 1.0
@@ -194,6 +201,12 @@ class DistillSection:
         for name in ("mu", "mse_weight", "head_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.method == "mse" and self.mse_weight > 0:
+            raise ConfigError(
+                "mse_weight",
+                "adds an MSE term to FreeKD; with method: mse the MSE term is the method: "
+                "set its weight with mu and mse_weight: 0",
+            )
 
 
 @dataclass

@@ -29,8 +29,10 @@ from torch import nn
 
 from ..checkpoints import export_student
 from ..distill import Distiller, OutputLoss
+from ..losses import FeatureMSE
 from ..train import DistillModule, PromptTuningModule, TeacherModule, fit
 from .builders import (
+    build_baseline_loss,
     build_data,
     build_freekd_loss,
     build_spec,
@@ -45,7 +47,6 @@ from .builders import (
     val_loader,
 )
 from .config import ModelSection, RunConfig, dump_config
-from .losses import FeatureMSE
 
 __all__ = [
     "HEAD_TAPS",
@@ -330,18 +331,23 @@ def _output_losses(config: RunConfig) -> dict[str, OutputLoss]:
 def distill(config: RunConfig, resume: str | None = None, force: bool = False) -> JobResult:
     """Stage 2: distil the student from the teacher with the tuned prompts (``mu`` * FreeKD,
     plus the official recipe's MSE and head terms when their weights are > 0) ->
-    ``student_freekd/student.safetensors``."""
+    ``student_freekd/student.safetensors``; with a baseline ``distill.method``, ``mu`` * that
+    loss (no prompts) -> ``student_<method>/student.safetensors``."""
     start = time.perf_counter()
     directory = job_dir(config, "student")
     train_set = build_data(config, "train")
     num_classes = num_classes_of(train_set)
     teacher = _teacher(config, num_classes)
     batch = example_batch(config, train_set)
-    loss = build_freekd_loss(config, _channels(config, teacher, batch))
-    loss.load_prompts(prompts_file(config))
     settings = config.distill
-    feature_losses: dict[str, nn.Module] = {"freekd": loss}
-    weights = {"freekd": settings.mu}
+    channels = _channels(config, teacher, batch)
+    if settings.method == "freekd":
+        loss = build_freekd_loss(config, channels)
+        loss.load_prompts(prompts_file(config))
+    else:
+        loss = build_baseline_loss(config, channels)
+    feature_losses: dict[str, nn.Module] = {settings.method: loss}
+    weights = {settings.method: settings.mu}
     if settings.mse_weight > 0:
         feature_losses["mse"] = FeatureMSE()
         weights["mse"] = settings.mse_weight

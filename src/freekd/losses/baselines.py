@@ -1,0 +1,257 @@
+"""The distillation losses FreeKD is compared with, and its prompt-free ablation.
+
+Every loss here has the :class:`~freekd.losses.FreeKDLoss` calling convention: ``forward(
+student_feats, teacher_feats)`` takes two lists of ``[N, C_i, H_i, W_i]`` tensors (one per
+distilled layer, the student's already projected to the teacher's shape, as
+:class:`freekd.distill.Distiller` passes them) and returns the sum over layers of a scalar,
+computed in float32 (float64 stays float64), with autocast off. The teacher side never gets a
+gradient. The weight of the whole term (``mu``) belongs to the distiller, not to the loss.
+
+- :class:`FeatureMSE` — FitNet: ``mean((s - t)^2)``.
+- :class:`ChannelWiseDistillation` — CWD (Shu et al., ICCV 2021): per channel, a softmax over the
+  ``H*W`` positions at temperature ``tau``; ``tau^2 * KL(p_t || p_s)`` summed over positions,
+  averaged over ``N*C``.
+- :class:`MaskedGenerativeDistillation` — MGD (Yang et al., ECCV 2022): zero a random
+  ``mask_ratio`` of the student's positions, regenerate the teacher feature with a small
+  conv-ReLU-conv block (trained with the student), ``alpha * sum((G(s*m) - t)^2) / N``.
+- :class:`FrequencyL1` — FreeKD without prompts: L1 between the wavelet bands of teacher and
+  student over every position (optionally with FreeKD's relational channel weight), the "no
+  masks" ablation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._checks import check_positive_int
+from ..relation import RelationalGate
+from ..wavelets import dwt2, wavelet_filters
+from .freekd import _masked_band_l1
+
+__all__ = [
+    "BASELINES",
+    "ChannelWiseDistillation",
+    "FeatureMSE",
+    "FrequencyL1",
+    "MaskedGenerativeDistillation",
+    "check_feature_lists",
+]
+
+
+def check_feature_lists(
+    loss: str,
+    student_feats: Sequence[Tensor],
+    teacher_feats: Sequence[Tensor],
+    channels: Sequence[int] | None = None,
+) -> None:
+    """Raise a clear error unless the two lists hold one ``[N, C, H, W]`` floating-point tensor
+    per layer each, of equal shapes (and ``channels[i]`` channels at layer ``i`` when given)."""
+    for name, feats in (("student_feats", student_feats), ("teacher_feats", teacher_feats)):
+        if isinstance(feats, Tensor) or not isinstance(feats, Sequence):
+            raise TypeError(
+                f"{loss}: {name} must be a list of [N, C, H, W] tensors (one per layer), got "
+                f"{type(feats).__name__}: wrap a single feature as [feature]"
+            )
+    expected = len(channels) if channels is not None else len(teacher_feats)
+    if len(student_feats) != len(teacher_feats) or len(teacher_feats) != expected or not expected:
+        built = f" (built for {expected} layers)" if channels is not None else ""
+        raise ValueError(
+            f"{loss}{built}: got {len(student_feats)} student and {len(teacher_feats)} teacher "
+            f"features: pass one student feature per distilled teacher layer"
+        )
+    for index, (s, t) in enumerate(zip(student_feats, teacher_feats, strict=True)):
+        for name, feat in (("student", s), ("teacher", t)):
+            if not isinstance(feat, Tensor) or feat.dim() != 4:
+                shape = tuple(feat.shape) if isinstance(feat, Tensor) else type(feat).__name__
+                raise ValueError(
+                    f"{loss} layer {index}: {name} feature must be [N, C, H, W], got {shape}"
+                )
+            if not feat.is_floating_point():
+                raise TypeError(
+                    f"{loss} layer {index}: {name} feature must be floating point, got {feat.dtype}"
+                )
+        if s.shape != t.shape:
+            raise ValueError(
+                f"{loss} layer {index}: student feature {tuple(s.shape)} differs from teacher "
+                f"{tuple(t.shape)}: project the student first (Distiller's projection='auto')"
+            )
+        if channels is not None and t.shape[1] != channels[index]:
+            raise ValueError(
+                f"{loss} layer {index}: features have {t.shape[1]} channels, the loss was built "
+                f"for {channels[index]}: pass channels={[f.shape[1] for f in teacher_feats]}"
+            )
+
+
+def _upcast(feature: Tensor) -> Tensor:
+    return feature if feature.dtype == torch.float64 else feature.float()
+
+
+def _check_channels(loss: str, channels: Sequence[int]) -> list[int]:
+    if isinstance(channels, int) or not isinstance(channels, Sequence) or len(channels) == 0:
+        raise ValueError(
+            f"{loss}: channels must list the channel count of each distilled layer, e.g. "
+            f"[256, 256], got {channels!r}"
+        )
+    for index, count in enumerate(channels):
+        check_positive_int(f"channels[{index}]", count)
+    return [int(c) for c in channels]
+
+
+class _LayerwiseLoss(nn.Module):
+    """Checks the inputs, upcasts them with autocast off and sums :meth:`layer_loss` over the
+    layers; ``last_terms`` maps ``"layer{i}"`` to each (detached) term."""
+
+    channels: list[int] | None = None
+
+    def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
+        check_feature_lists(type(self).__name__, student_feats, teacher_feats, self.channels)
+        with torch.autocast(device_type=teacher_feats[0].device.type, enabled=False):
+            teacher = [_upcast(t.detach()) for t in teacher_feats]
+            student = [_upcast(s) for s in student_feats]
+            terms = [self.layer_loss(i, student, teacher) for i in range(len(teacher))]
+        self.last_terms = {f"layer{i}": term.detach() for i, term in enumerate(terms)}
+        return torch.stack(terms).sum()
+
+    def layer_loss(self, index: int, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+
+class FeatureMSE(_LayerwiseLoss):
+    """FitNet: ``mean over [N, C, H, W] of (s - t)^2`` per layer, summed over layers. (Also the
+    official RetinaNet recipe's extra spatial term, at weight 5.)"""
+
+    def layer_loss(self, index: int, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+        return F.mse_loss(student[index], teacher[index])
+
+
+class ChannelWiseDistillation(_LayerwiseLoss):
+    """CWD: per channel, ``p = softmax(F / tau)`` over the ``H*W`` positions;
+    ``tau^2 / (N*C) * sum over n, c, positions of p_t * (log p_t - log p_s)`` per layer.
+
+    ``tau`` = 1 in the CWD paper's detection runs and 4 in its segmentation runs."""
+
+    def __init__(self, tau: float = 4.0) -> None:
+        super().__init__()
+        if not tau > 0:
+            raise ValueError(f"CWD temperature tau must be > 0, got {tau!r}")
+        self.tau = float(tau)
+
+    def layer_loss(self, index: int, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+        n, c = teacher[index].shape[:2]
+        log_p_t = F.log_softmax(teacher[index].flatten(2) / self.tau, dim=2)
+        log_p_s = F.log_softmax(student[index].flatten(2) / self.tau, dim=2)
+        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()
+        return kl * self.tau**2 / (n * c)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}"
+
+
+class MaskedGenerativeDistillation(_LayerwiseLoss):
+    """MGD: ``alpha * sum((G(s * m) - t)^2) / N`` per layer.
+
+    ``m: [N, 1, H, W]`` is 0 at a random ``mask_ratio`` of the positions (drawn from the global
+    torch RNG each call, so checkpointed RNG states replay it) and 1 elsewhere; ``G`` is a
+    conv3x3-ReLU-conv3x3 block on the teacher's channels, one per layer, trained with the student
+    (its parameters belong in the student's optimizer; :meth:`Distiller.trainable_parameters`
+    includes them). Defaults are MGD's: ``alpha`` 2e-5, ``mask_ratio`` 0.65 (detection; its
+    segmentation runs used 0.75).
+    """
+
+    def __init__(
+        self, channels: Sequence[int], alpha: float = 2e-5, mask_ratio: float = 0.65
+    ) -> None:
+        super().__init__()
+        self.channels = _check_channels("MaskedGenerativeDistillation", channels)
+        if not 0 <= mask_ratio < 1:
+            raise ValueError(f"MGD mask_ratio must be in [0, 1), got {mask_ratio!r}")
+        if not alpha > 0:
+            raise ValueError(f"MGD alpha must be > 0, got {alpha!r}")
+        self.alpha, self.mask_ratio = float(alpha), float(mask_ratio)
+        self.generators = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(c, c, 3, padding=1)
+            )
+            for c in self.channels
+        )
+
+    def layer_loss(self, index: int, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+        feature = student[index]
+        n, _, h, w = feature.shape
+        keep = torch.rand(n, 1, h, w, device=feature.device) >= self.mask_ratio
+        generated = self.generators[index](feature * keep.to(feature.dtype))
+        return self.alpha * (generated - teacher[index]).pow(2).sum() / n
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, mask_ratio={self.mask_ratio}"
+
+
+class FrequencyL1(_LayerwiseLoss):
+    """FreeKD without prompts: per layer, ``sum over levels j of mean over [N, C, 3, h_j, w_j]
+    of omega * |dwt2(F_t) - dwt2(F_s)|`` (plus the low band's mean over ``[N, C, h_J, w_J]``),
+    over every position: FreeKD's reduction with every mask 1.
+
+    ``include_low`` (default on) adds the low band; ``relational`` weights channels with
+    FreeKD's position-aware term ``omega`` (needs ``channels``); off, ``omega`` = 1.
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int] | None = None,
+        levels: int = 3,
+        wavelet: str = "haar",
+        include_low: bool = True,
+        relational: bool = False,
+    ) -> None:
+        super().__init__()
+        check_positive_int("levels", levels)
+        wavelet_filters(wavelet)
+        self.levels, self.wavelet = levels, wavelet
+        self.include_low, self.relational = bool(include_low), bool(relational)
+        self.gates = None
+        if relational:
+            if channels is None:
+                raise ValueError("FrequencyL1(relational=True) needs channels=[C_1, ...]")
+            self.channels = _check_channels("FrequencyL1", channels)
+            self.gates = nn.ModuleList(RelationalGate(c) for c in self.channels)
+        elif channels is not None:
+            self.channels = _check_channels("FrequencyL1", channels)
+
+    def layer_loss(self, index: int, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+        omega = None
+        if self.gates is not None:
+            has_next = index + 1 < len(teacher)
+            omega = self.gates[index](
+                teacher[index],
+                student[index].detach(),
+                teacher[index + 1] if has_next else None,
+                student[index + 1].detach() if has_next else None,
+            )
+        with torch.no_grad():
+            teacher_low, teacher_highs = dwt2(teacher[index], self.levels, self.wavelet)
+        student_low, student_highs = dwt2(student[index], self.levels, self.wavelet)
+        everywhere = teacher_low.new_ones(())
+        pairs = list(zip(teacher_highs, student_highs, strict=True))
+        if self.include_low:
+            pairs.append((teacher_low, student_low))
+        terms = [_masked_band_l1(t, s, everywhere, omega) for t, s in pairs]
+        return torch.stack(terms).sum()
+
+    def extra_repr(self) -> str:
+        return (
+            f"levels={self.levels}, wavelet={self.wavelet!r}, include_low={self.include_low}, "
+            f"relational={self.relational}"
+        )
+
+
+#: The baselines by the names the pipeline's ``distill.method`` uses.
+BASELINES: dict[str, type[nn.Module]] = {
+    "mse": FeatureMSE,
+    "cwd": ChannelWiseDistillation,
+    "mgd": MaskedGenerativeDistillation,
+    "frequency": FrequencyL1,
+}
