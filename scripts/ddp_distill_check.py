@@ -8,6 +8,11 @@ teacher parameter holds a gradient, and the dataset indices it trained on, to
 ``OUT/rank<r>.pt``; process 0 then compares the files and prints one JSON line:
 ``{"ok": true, "world_size": 2, "student_equal": true, ...}``. Exit status 0 when every check
 holds, 1 otherwise.
+
+``--poison-step K`` (with ``nonfinite="skip"``): process 0 alone gets a batch of NaN images at
+step ``K`` (0-based); every process must skip that step (they agree through an all-reduce), so
+the students stay equal, no weight changes at step ``K`` and the run goes on to the end. The
+report then also holds ``skipped_per_rank`` and ``weights_kept_at_poisoned_step``.
 """
 
 from __future__ import annotations
@@ -72,14 +77,29 @@ def task_loss(model: nn.Module, batch) -> torch.Tensor:
     return F.cross_entropy(model(images), labels)
 
 
-class RecordRank(Callback):
-    """Writes this rank's weights, teacher gradients and seen indices at the end of training."""
+def _student_state(pl_module) -> dict:
+    return {k: v.detach().clone() for k, v in pl_module.distiller.student.state_dict().items()}
 
-    def __init__(self, out: Path) -> None:
-        self.out, self.indices = out, []
+
+class RecordRank(Callback):
+    """Writes this rank's weights, teacher gradients and seen indices at the end of training;
+    with ``poison_step``, fills process 0's images with NaN at that step and keeps the student
+    weights from before and after it."""
+
+    def __init__(self, out: Path, poison_step: int | None = None) -> None:
+        self.out, self.indices, self.poison_step = out, [], poison_step
+        self.around_poison: list[dict] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.indices.append(batch[2].tolist())
+        if self.poison_step is not None and trainer.global_step == self.poison_step:
+            self.around_poison.append(_student_state(pl_module))
+            if trainer.global_rank == 0:
+                batch[0].fill_(float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.poison_step is not None and trainer.global_step == self.poison_step + 1:
+            self.around_poison.append(_student_state(pl_module))
 
     def on_train_end(self, trainer, pl_module) -> None:
         distiller = pl_module.distiller
@@ -96,12 +116,20 @@ class RecordRank(Callback):
             "teacher_requires_grad": any(p.requires_grad for p in teacher_params),
             "ddp_ignored": sorted(getattr(trainer.strategy.model, "parameters_to_ignore", [])),
             "indices": self.indices,
+            "skipped": getattr(pl_module, "nonfinite_skipped", 0),
+            # Parameters only: DDP gives every process the buffers of process 0 at the start
+            # of each forward pass, so the other processes' buffers change then.
+            "weights_kept": len(self.around_poison) == 2
+            and all(
+                torch.equal(self.around_poison[0][k], self.around_poison[1][k])
+                for k, _ in distiller.student.named_parameters()
+            ),
         }
         torch.save(record, self.out / f"rank{trainer.global_rank}.pt")
         trainer.strategy.barrier("freekd-ddp-check")
 
 
-def build_module(seed: int = 0) -> DistillModule:
+def build_module(seed: int = 0, nonfinite: str = "raise") -> DistillModule:
     torch.manual_seed(seed)
     teacher, student = TinyNet(8), TinyNet(4)
     example = (torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long), [0, 1])
@@ -113,6 +141,7 @@ def build_module(seed: int = 0) -> DistillModule:
         {"freekd": FreeKDLoss.preset("paper", [8, 16])},
         task_loss,
         example,
+        nonfinite=nonfinite,
     )
     return DistillModule(
         distiller,
@@ -121,7 +150,9 @@ def build_module(seed: int = 0) -> DistillModule:
     )
 
 
-def compare(out: Path, world_size: int, initial_student: dict) -> dict:
+def compare(
+    out: Path, world_size: int, initial_student: dict, poison_step: int | None = None
+) -> dict:
     records = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
     first = records[0]
 
@@ -150,21 +181,26 @@ def compare(out: Path, world_size: int, initial_student: dict) -> dict:
         "ranks_saw_different_data": all(s != seen[0] for s in seen[1:]),
         "batches_per_rank": [len(r["indices"]) for r in records],
     }
-    report["ok"] = (
-        all(
-            report[k]
-            for k in (
-                "student_equal",
-                "projections_equal",
-                "teacher_equal",
-                "teacher_grads_none",
-                "teacher_ignored_by_ddp",
-                "student_trained",
-                "ranks_saw_different_data",
-            )
+    checks = [
+        "student_equal",
+        "projections_equal",
+        "teacher_equal",
+        "teacher_grads_none",
+        "teacher_ignored_by_ddp",
+        "student_trained",
+        "ranks_saw_different_data",
+    ]
+    if poison_step is not None:
+        report["skipped_per_rank"] = [r["skipped"] for r in records]
+        report["weights_kept_at_poisoned_step"] = all(r["weights_kept"] for r in records)
+        report["student_finite"] = all(
+            bool(torch.isfinite(v).all())
+            for v in first["student"].values()
+            if v.is_floating_point()
         )
-        and not report["teacher_requires_grad"]
-    )
+        report["every_rank_skipped_once"] = report["skipped_per_rank"] == [1] * world_size
+        checks += ["weights_kept_at_poisoned_step", "student_finite", "every_rank_skipped_once"]
+    report["ok"] = all(report[k] for k in checks) and not report["teacher_requires_grad"]
     return report
 
 
@@ -173,9 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument(
+        "--poison-step",
+        type=int,
+        default=None,
+        help="give process 0 NaN images at this step (0-based); runs with nonfinite='skip'",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    module = build_module()
+    module = build_module(nonfinite="raise" if args.poison_step is None else "skip")
     initial_student = {
         k: v.detach().clone() for k, v in module.distiller.student.state_dict().items()
     }
@@ -192,10 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         sanity_val_steps=0,
     )
     loader = make_train_loader(IndexedImages(), batch_size=2, seed=3)
-    result = fit(module, loader, config=config, callbacks=[RecordRank(args.out)])
+    recorder = RecordRank(args.out, args.poison_step)
+    result = fit(module, loader, config=config, callbacks=[recorder])
     if result.trainer.global_rank != 0:
         return 0
-    report = compare(args.out, args.devices, initial_student)
+    report = compare(args.out, args.devices, initial_student, args.poison_step)
     report["global_step"] = result.global_step
     print(json.dumps(report))
     return 0 if report["ok"] else 1

@@ -28,13 +28,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_choice
 from .losses.freekd import FreeKDLoss
 from .taps import FeatureTaps
 from .tuning import TaskLoss, freeze, loss_terms
 
-__all__ = ["Distiller", "OutputLoss", "Projection", "default_teacher_input"]
+__all__ = [
+    "NONFINITE_POLICIES",
+    "Distiller",
+    "NonFiniteError",
+    "OutputLoss",
+    "Projection",
+    "default_teacher_input",
+]
 
 Projector = Literal["auto", "always", "none"]
+NonFinitePolicy = Literal["raise", "skip", "off"]
+NONFINITE_POLICIES: tuple[str, ...] = ("raise", "skip", "off")
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """A tapped feature, output or loss term holds NaN or Inf (raised by
+    ``Distiller(nonfinite="raise")``); ``sources`` names each offending tensor."""
+
+    def __init__(self, message: str, sources: Sequence[str]) -> None:
+        super().__init__(message)
+        self.sources = list(sources)
 
 
 def default_teacher_input(batch: Any) -> Any:
@@ -111,6 +130,11 @@ class Distiller(nn.Module):
         teacher_input: ``fn(batch)`` -> the teacher's input (default :func:`default_teacher_input`).
         init_from_teacher: student submodule paths whose weights are copied from the teacher's
             modules of the same path (e.g. ``["neck"]``), shapes checked.
+        nonfinite: what a NaN or Inf in a tapped teacher or student feature (or output, or loss
+            term) does: ``"raise"`` (default) a :class:`NonFiniteError` naming the tap and the
+            fixes; ``"skip"``: nothing here, the names are left in ``last_nonfinite`` for the
+            trainer to skip the step (:class:`~freekd.train.DistillModule` does, agreed across
+            processes); ``"off"``: no check (saves one host sync per step).
 
     ``forward`` returns ``{"task/<name>": ..., "distill/<name>": weighted term, ...}``: sum the
     values for the objective. Trainable: the student, the projections and any learned part of a
@@ -131,10 +155,14 @@ class Distiller(nn.Module):
         output_losses: Mapping[str, OutputLoss] | None = None,
         teacher_input: Callable[[Any], Any] = default_teacher_input,
         init_from_teacher: Sequence[str] = (),
+        nonfinite: NonFinitePolicy = "raise",
     ) -> None:
         super().__init__()
         if projection not in ("auto", "always", "none"):
             raise ValueError(f"projection must be 'auto', 'always' or 'none', got {projection!r}")
+        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        self.nonfinite: str = nonfinite
+        self.last_nonfinite: list[str] = []
         unknown = set(loss_weights or {}) - set(feature_losses)
         if unknown:
             raise ValueError(
@@ -218,8 +246,11 @@ class Distiller(nn.Module):
         tapped = self._student_taps.features
         return tapped[: len(tapped) - len(self.output_losses)]
 
-    def forward(self, batch: Any) -> dict[str, Tensor]:
-        """``batch`` -> ``{"task/<name>": ..., "distill/<name>": ..., "output/<name>": ...}``."""
+    def forward(self, batch: Any, raise_nonfinite: bool = True) -> dict[str, Tensor]:
+        """``batch`` -> ``{"task/<name>": ..., "distill/<name>": ..., "output/<name>": ...}``.
+
+        ``raise_nonfinite=False``: with ``nonfinite="raise"``, only record the non-finite
+        tensors in ``last_nonfinite`` (the trainer then raises on every process at once)."""
         teacher_feats, teacher_outputs = self._teacher_forward(batch)
         self._student_taps.clear()
         terms = loss_terms(self.task_loss(self.student, batch), "task")
@@ -233,7 +264,38 @@ class Distiller(nn.Module):
             self.output_losses.items(), student_outputs, teacher_outputs, strict=True
         ):
             terms[f"output/{name}"] = spec.weight * spec.loss(s, t)
+        self._check_finite(teacher_feats + teacher_outputs, tapped, terms, raise_nonfinite)
         return terms
+
+    # ------------------------------------------------------------------ non-finite values
+
+    def _check_finite(
+        self,
+        teacher_tapped: list[Tensor],
+        student_tapped: list[Tensor],
+        terms: dict[str, Tensor],
+        raise_nonfinite: bool = True,
+    ) -> None:
+        """Set ``last_nonfinite`` to the names of the tensors holding NaN/Inf (one host sync for
+        all of them); raise :class:`NonFiniteError` when ``nonfinite="raise"``."""
+        self.last_nonfinite = []
+        if self.nonfinite == "off":
+            return
+        tensors = [*teacher_tapped, *student_tapped, *terms.values()]
+        device = tensors[0].device
+        flags = torch.stack([torch.isfinite(t.detach()).all().to(device) for t in tensors])
+        if bool(flags.all()):
+            return
+        names = [
+            *_tap_labels(self._teacher_taps, "teacher"),
+            *_tap_labels(self._student_taps, "student"),
+            *(f"loss term {name!r}" for name in terms),
+        ]
+        if len(names) != len(tensors):  # a tap layout this labelling does not know
+            names = [f"tensor {i}" for i in range(len(tensors))]
+        self.last_nonfinite = [n for n, ok in zip(names, flags.tolist(), strict=True) if not ok]
+        if self.nonfinite == "raise" and raise_nonfinite:
+            raise NonFiniteError(nonfinite_message(self.last_nonfinite), self.last_nonfinite)
 
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
@@ -266,3 +328,38 @@ def copy_submodule(source: nn.Module, target: nn.Module, path: str) -> None:
         detail = mismatched or sorted(set(source_state) ^ set(target_state))
         raise ValueError(f"init_from_teacher: {path!r} differs between the models: {detail[:5]}")
     target_module.load_state_dict(source_state)
+
+
+def _tap_labels(taps: FeatureTaps, role: str) -> list[str]:
+    """One label per tapped tensor of the last pass: ``"student feature of tap 'layer1'"``, with
+    ``[j]`` for the ``j``-th entry of a tap that yields several (a list or dict output)."""
+    captured = getattr(taps, "_captured", {})
+    labels = []
+    for index, spec in enumerate(taps.specs):
+        count = len(captured.get(index, ()))
+        if count == 1:
+            labels.append(f"{role} feature of tap {spec!r}")
+        else:
+            labels.extend(f"{role} feature of tap {spec!r}[{j}]" for j in range(count))
+    return labels
+
+
+def nonfinite_message(sources: Sequence[str]) -> str:
+    """One line: which tensors hold NaN/Inf, the likely cause and the fixes."""
+    listed = ", ".join(sources[1:4]) + (", ..." if len(sources) > 4 else "")
+    more = f" (and {len(sources) - 1} more: {listed})" if len(sources) > 1 else ""
+    if sources[0].startswith("teacher"):
+        cause = (
+            "the frozen teacher produced it: check the teacher checkpoint and the input data "
+            "(NaN/Inf pixels, unnormalised values), or run the teacher in float32"
+        )
+    else:
+        cause = (
+            "training diverged or the input holds NaN/Inf: lower the learning rate, clip "
+            "gradients (train.grad_clip_norm), train in bf16 rather than fp16, check the input "
+            "data"
+        )
+    return (
+        f"NaN or Inf in the {sources[0]}{more}; {cause}; or pass nonfinite='skip' to skip "
+        f"such steps"
+    )

@@ -64,9 +64,32 @@ def relational_log_weight(feature: Tensor, next_feature: Tensor | None = None) -
         context, pixels = next_feature, _upsample_adjoint(feature, next_feature.shape[-2:])
     else:
         context, pixels = next_feature, feature
-    logits = context.flatten(2) @ pixels.flatten(2).transpose(1, 2)  # [N, C, C]
-    log_relation = torch.log_softmax(logits / math.sqrt(height * width), dim=-1)
-    return torch.logsumexp(log_relation, dim=1)  # log(C * mean over rows)
+    logits = _relation_logits(context, pixels) / math.sqrt(height * width)
+    log_relation = torch.log_softmax(logits, dim=-1)
+    return torch.logsumexp(log_relation, dim=1).to(feature.dtype)  # log(C * mean over rows)
+
+
+def _power_of_two_scale(feature: Tensor) -> Tensor:
+    """``[N, 1, 1]``: per sample, the power of two just above the largest ``|feature|`` (1 for an
+    all-zero or non-finite sample). Dividing by it is exact in floating point."""
+    largest = feature.detach().abs().flatten(1).amax(dim=1)
+    _, exponent = torch.frexp(largest)  # largest = mantissa * 2**exponent, mantissa in [0.5, 1)
+    exponent = torch.where(torch.isfinite(largest), exponent, torch.zeros_like(exponent))
+    return torch.ldexp(torch.ones_like(largest), exponent).view(-1, 1, 1)
+
+
+def _relation_logits(context: Tensor, pixels: Tensor) -> Tensor:
+    """``context F^T``: ``[N, C, hw] x [N, hw, C]`` -> ``[N, C, C]`` in float64.
+
+    The product is taken on the features divided by a power of two (exact), so that it cannot
+    overflow in float32 for huge magnitudes (1e30 squared) nor underflow for tiny ones; the scale
+    is put back on the small ``[N, C, C]`` result in float64.
+    """
+    context_scale, pixel_scale = _power_of_two_scale(context), _power_of_two_scale(pixels)
+    scaled = (context.flatten(2) / context_scale) @ (pixels.flatten(2) / pixel_scale).transpose(
+        1, 2
+    )
+    return scaled.double() * (context_scale.double() * pixel_scale.double())
 
 
 def _upsample_adjoint(feature: Tensor, coarse_size: torch.Size) -> Tensor:

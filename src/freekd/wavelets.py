@@ -257,15 +257,44 @@ def dwt2(x: Tensor, levels: int = 3, wavelet: str = "haar") -> WaveletBands:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"dwt2 expects a 4-D tensor [N, C, H, W], got {shape}")
     if not x.is_floating_point():
-        raise TypeError(f"dwt2 expects a floating-point tensor, got {x.dtype}")
+        raise TypeError(
+            f"dwt2 expects a floating-point tensor, got {x.dtype}: convert it with x.float()"
+        )
+    if min(x.shape[1:]) < 1:
+        raise ValueError(
+            f"dwt2 needs at least one channel and one pixel, got [N, C, H, W] = "
+            f"{tuple(x.shape)}: check the feature that was passed"
+        )
     haar = _is_haar(wavelet)
     if not haar:
         wavelet_filters(wavelet)  # validate the name before any work
     highs: list[Tensor] = []
     low = x
-    for _ in range(levels):
-        low, high = _HaarAnalysis.apply(low) if haar else _conv_analysis(low, wavelet)
-        highs.append(high)
+    # Bands keep x's dtype, also under autocast (which would run the convolutions in half).
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        for _ in range(levels):
+            low, high = _HaarAnalysis.apply(low) if haar else _conv_analysis(low, wavelet)
+            highs.append(high)
+    return low, highs
+
+
+def _check_bands(bands: object) -> tuple[Tensor, Sequence[Tensor]]:
+    """``bands`` as ``(low, highs)``, or a ``ValueError`` / ``TypeError`` saying what it is."""
+    if not isinstance(bands, tuple | list) or len(bands) != 2:
+        what = tuple(bands.shape) if isinstance(bands, Tensor) else type(bands).__name__
+        raise ValueError(f"idwt2 takes the pair (low, highs) that dwt2 returned, got {what}")
+    low, highs = bands
+    if not isinstance(low, Tensor) or low.dim() != 4:
+        what = tuple(low.shape) if isinstance(low, Tensor) else type(low).__name__
+        raise ValueError(f"idwt2: the approximation band must be [N, C, h, w], got {what}")
+    if isinstance(highs, Tensor) or not isinstance(highs, Sequence) or len(highs) == 0:
+        raise ValueError(
+            "idwt2 needs at least one level of detail bands: highs must be a non-empty list "
+            "of [N, C, 3, h, w] tensors (one per level, finest first), as dwt2 returns them"
+        )
+    for detail in highs:
+        if not isinstance(detail, Tensor):
+            raise ValueError(f"idwt2: detail bands must be tensors, got {type(detail).__name__}")
     return low, highs
 
 
@@ -276,10 +305,10 @@ def idwt2(bands: WaveletBands, wavelet: str = "haar", size: Sequence[int] | None
     detail band is cropped to it, and the result is returned uncropped (``H' >= H``) unless
     ``size=(H, W)`` is given.
     """
-    low, highs = bands
-    if len(highs) == 0:
-        raise ValueError("idwt2 needs at least one level of detail bands")
+    low, highs = _check_bands(bands)
     haar = _is_haar(wavelet)
+    if not haar:
+        wavelet_filters(wavelet)
     for detail in reversed(highs):
         if detail.dim() != 5 or detail.shape[2] != 3:
             raise ValueError(f"detail bands must be [N, C, 3, h, w], got {tuple(detail.shape)}")
@@ -296,7 +325,15 @@ def idwt2(bands: WaveletBands, wavelet: str = "haar", size: Sequence[int] | None
                 f"{tuple(detail.shape)}: pass the pair that dwt2 returned"
             )
         low = low[..., :height, :width]
-        low = _HaarSynthesis.apply(low, detail) if haar else _conv_synthesis(low, detail, wavelet)
+        if low.dtype != detail.dtype:
+            raise TypeError(
+                f"idwt2: approximation ({low.dtype}) and detail bands ({detail.dtype}) differ in "
+                f"dtype: pass the bands that dwt2 returned, or convert them to one dtype"
+            )
+        with torch.autocast(device_type=low.device.type, enabled=False):
+            low = (
+                _HaarSynthesis.apply(low, detail) if haar else _conv_synthesis(low, detail, wavelet)
+            )
     if size is not None:
         height, width = size
         if height > low.shape[-2] or width > low.shape[-1]:

@@ -83,9 +83,11 @@ class _MaskedBandL1(torch.autograd.Function):
         return None, diff.sign().mul_(mask_mean).mul_(scale), None
 
 
-def _upcast(feature: Tensor) -> Tensor:
-    """Half-precision features to float32 (the masks' logits and the sums need the range)."""
-    return feature if feature.dtype == torch.float64 else feature.float()
+def _compute_dtype(*feature_lists: Sequence[Tensor]) -> torch.dtype:
+    """float64 when any feature is float64, else float32: half-precision features are upcast
+    (the masks' logits and the sums need the range), mixed dtypes meet in one."""
+    dtypes = {f.dtype for feats in feature_lists for f in feats}
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def _masked_band_l1(teacher: Tensor, student: Tensor, mask_mean: Tensor, omega: Tensor | None):
@@ -255,9 +257,10 @@ class FreeKDLoss(nn.Module):
         self._check_features(student_feats, teacher_feats)
         self._warn_if_untuned()
         device_type = teacher_feats[0].device.type
+        dtype = _compute_dtype(student_feats, teacher_feats)
         with torch.autocast(device_type=device_type, enabled=False):
-            teacher = [_upcast(t.detach()) for t in teacher_feats]
-            student = [_upcast(s) for s in student_feats]
+            teacher = [t.detach().to(dtype) for t in teacher_feats]
+            student = [s.to(dtype) for s in student_feats]
             terms = [self.layer_loss(i, student, teacher) for i in range(len(teacher))]
         total = torch.stack(terms).sum() * self.loss_weight
         self.last_terms = {f"layer{i}": t.detach() * self.loss_weight for i, t in enumerate(terms)}
@@ -322,6 +325,16 @@ class FreeKDLoss(nn.Module):
                 raise ValueError(
                     f"layer {index}: student feature {tuple(s.shape)} differs from teacher "
                     f"{tuple(t.shape)}: project the student (Distiller's projection='auto')"
+                )
+            if t.numel() == 0:
+                raise ValueError(
+                    f"layer {index}: the features {tuple(t.shape)} are empty (a size is 0): "
+                    f"pass a non-empty batch and tap a layer with a spatial map"
+                )
+            if s.device != t.device:
+                raise ValueError(
+                    f"layer {index}: student feature on {s.device}, teacher on {t.device}: move "
+                    f"teacher and student to one device"
                 )
             if t.shape[1] != self.channels[index]:
                 raise ValueError(

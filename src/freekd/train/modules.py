@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoints import export_student
-from ..distill import Distiller
+from ..distill import Distiller, NonFiniteError, nonfinite_message
 from ..losses.freekd import FreeKDLoss
 from ..tuning import PromptTuner, TaskLoss, loss_terms
 from .config import OptimConfig, ScheduleConfig
@@ -260,6 +260,16 @@ class DistillModule(_Job):
     ``train/output/<name>``), their sum ``train/loss``, and for each FreeKD loss its per-layer
     terms ``train/distill/<name>/layer<i>`` (times the loss's weight in the distiller, so they
     add up to ``train/distill/<name>``).
+
+    Non-finite values (``distiller.nonfinite``): the processes agree (one all-reduce of a flag)
+    on whether any of them saw NaN/Inf in a tapped feature or loss term. ``"raise"``: every
+    process raises :class:`~freekd.distill.NonFiniteError` at the same step. ``"skip"``: every
+    process skips the optimizer step: the gradients are dropped before clipping and the
+    optimizer, the student's buffers (BatchNorm statistics) are put back as before the batch,
+    so no weight, momentum or Adam moment changes and no per-parameter step counter advances;
+    the step still counts (``global_step`` and the learning-rate schedule move on, so a run
+    still ends at ``max_steps``). ``train/nonfinite_skipped`` logs the running count, which the
+    checkpoint keeps.
     """
 
     def __init__(
@@ -281,13 +291,26 @@ class DistillModule(_Job):
             if isinstance(loss, FreeKDLoss)
         ]
         self._ignore_in_ddp([distiller.teacher, *prompts])
+        self.nonfinite_skipped = 0
+        self._skip_optimizer_step = False
+        self._buffers_before_skip: dict[str, Tensor] = {}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.distiller.trainable_parameters()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        terms = self.distiller(batch)
+        policy = self.distiller.nonfinite
+        saved = {}
+        if policy == "skip" and not self._skip_optimizer_step:
+            saved = {name: b.detach().clone() for name, b in self._trained_buffers().items()}
+        terms = self.distiller(batch, raise_nonfinite=False)
         total = torch.stack(list(terms.values())).sum()
+        if policy != "off" and self._any_process_nonfinite():
+            if policy == "raise":
+                raise NonFiniteError(self._nonfinite_report(), self.distiller.last_nonfinite)
+            if not self._skip_optimizer_step:  # the buffers of before the first bad batch
+                self._skip_optimizer_step, self._buffers_before_skip = True, saved
+            logger.warning("skipping step %d: %s", self.global_step, self._nonfinite_report())
         logged = dict(terms)
         for name, loss in self.distiller.feature_losses.items():
             weight = self.distiller.loss_weights[name]
@@ -295,6 +318,53 @@ class DistillModule(_Job):
                 logged[f"distill/{name}/{layer}"] = weight * value
         self._log_train(logged, total)
         return total
+
+    # ------------------------------------------------------------------ non-finite steps
+
+    def _trained_buffers(self) -> dict[str, Tensor]:
+        """Buffers that a forward pass may change: all but the frozen teacher's and prompts'."""
+        ignored = set(getattr(self, "_ddp_params_and_buffers_to_ignore", ()))
+        return {name: b for name, b in self.named_buffers() if name not in ignored}
+
+    def _any_process_nonfinite(self) -> bool:
+        """Whether this or any other process saw NaN/Inf at this step (a collective: every
+        process calls it at every step)."""
+        local = bool(self.distiller.last_nonfinite)
+        if self.trainer.world_size > 1:
+            return self.trainer.strategy.reduce_boolean_decision(local, all=False)
+        return local
+
+    def _nonfinite_report(self) -> str:
+        sources = self.distiller.last_nonfinite
+        where = f" at step {self.global_step}"
+        if not sources:
+            return f"another process saw NaN or Inf{where} (its message names the tensor)"
+        message = nonfinite_message(sources).replace("; ", f"{where}; ", 1)
+        return message if self.distiller.nonfinite == "raise" else message.split("; or pass")[0]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the gradients of a step that a process found non-finite (before clipping and
+        the optimizer, which leaves parameters without a gradient untouched)."""
+        if self.distiller.nonfinite != "skip":
+            return
+        if self._skip_optimizer_step:
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    parameter.grad = None
+            # After the backward pass (BatchNorm saved its running statistics for it).
+            buffers = self._trained_buffers()
+            with torch.no_grad():
+                for name, value in self._buffers_before_skip.items():
+                    buffers[name].copy_(value)
+            self.nonfinite_skipped += 1
+            self._skip_optimizer_step, self._buffers_before_skip = False, {}
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["freekd_nonfinite_skipped"] = self.nonfinite_skipped
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_skipped = int(checkpoint.get("freekd_nonfinite_skipped", 0))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         if self.val_step is not None:
