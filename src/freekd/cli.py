@@ -341,6 +341,19 @@ def distill_command(
     _run(job)
 
 
+def _severities(text: str) -> list[int]:
+    """``"1,3,5"`` -> ``[1, 3, 5]``; anything but integers 1..5 is a user error."""
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        levels = []
+    if not levels or any(not 1 <= level <= 5 for level in levels):
+        raise ValueError(
+            f"--severities {text!r}: give integers 1..5 separated by commas, e.g. 1,2,3,4,5"
+        )
+    return levels
+
+
 @app.command("evaluate")
 def evaluate_command(
     config: ConfigOption,
@@ -373,20 +386,63 @@ def evaluate_command(
             show_default=False,
         ),
     ] = None,
+    corruptions: Annotated[
+        str | None,
+        typer.Option(
+            "--corruptions",
+            help="Also score corrupted copies of the validation set: 'all' (12 corruptions: "
+            "noise, blur, brightness/contrast/fog, JPEG/pixelate/elastic) or names separated "
+            "by commas, e.g. gaussian_noise,fog. Adds clean, mPC and rPC to the JSON.",
+            show_default=False,
+        ),
+    ] = None,
+    severities: Annotated[
+        str,
+        typer.Option(
+            "--severities", help="Corruption severities to average, from 1..5, e.g. 1,3,5."
+        ),
+    ] = "1,2,3,4,5",
+    corruption_seed: Annotated[
+        int | None,
+        typer.Option(
+            "--corruption-seed",
+            help="Seed of the random corruptions (default: the config's seed).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Score a teacher or student on the validation set: mIoU (segmentation) or COCO box AP
-    (detection), in percent. Prints the result and writes it as JSON."""
+    (detection), in percent. Prints the result and writes it as JSON. With --corruptions, also
+    its robustness: the mean score over corruptions and severities (mPC) and mPC / clean (rPC)."""
 
     def job() -> None:
         from .pipeline.jobs import evaluate_model
 
+        levels = _severities(severities)
         cfg = _load(config, sets, run_dir, device)
-        result = evaluate_model(cfg, model.value, checkpoint, output)
+        result = evaluate_model(
+            cfg,
+            model.value,
+            checkpoint,
+            output,
+            corruptions=corruptions,
+            severities=levels,
+            corruption_seed=corruption_seed,
+        )
         typer.echo(
             f"{result['role']} {result['arch']}/{result['backbone']} "
             f"({result['parameters'] / 1e6:.1f} M parameters) on {result['images']} images: "
             f"{result['metric']} = {result['value']:.2f}"
         )
+        robustness = result.get("robustness")
+        if robustness is not None:
+            for name, row in robustness["per_corruption"].items():
+                by_level = " ".join(f"{row[str(s)]:6.2f}" for s in robustness["severities"])
+                typer.echo(f"  {name:18s} {by_level}  mean {row['mean']:6.2f}")
+            typer.echo(
+                f"robustness: clean {robustness['clean']:.2f}, mPC {robustness['mPC']:.2f}, "
+                f"rPC {robustness['rPC']:.1f}% (severities {levels})"
+            )
         typer.echo(f"metrics: {result['output']}")
 
     _run(job)

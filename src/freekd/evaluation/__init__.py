@@ -1,8 +1,11 @@
-"""Evaluation of teachers and students: COCO box mAP and semantic-segmentation mIoU.
+"""Evaluation of teachers and students: COCO box mAP, semantic-segmentation mIoU, and their
+robustness to common image corruptions.
 
 Scores are in percent, as papers print them. ``evaluate(task, model, data_loader, ...)``
 dispatches to :func:`evaluate_detection` or :func:`evaluate_segmentation` (what
-``freekd evaluate`` calls). Needs pycocotools (detection) and the model builders' packages.
+``freekd evaluate`` calls); :func:`evaluate_robustness` repeats it on corrupted images
+(:func:`corrupt`, ``freekd evaluate --corruptions``) and reports the clean score, mPC and rPC.
+Needs pycocotools (detection) and the model builders' packages.
 """
 
 from __future__ import annotations
@@ -12,15 +15,22 @@ from typing import Any
 
 from torch import nn
 
+from .corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, corrupt
 from .detection import DETECTION_METRICS, COCOEvaluator, evaluate_detection
+from .robustness import evaluate_robustness
 from .segmentation import ConfusionMatrix, evaluate_segmentation, segmentation_scores
 
 __all__ = [
+    "CORRUPTIONS",
     "DETECTION_METRICS",
+    "EXTRA_CORRUPTIONS",
+    "SEVERITIES",
     "COCOEvaluator",
     "ConfusionMatrix",
+    "corrupt",
     "evaluate",
     "evaluate_detection",
+    "evaluate_robustness",
     "evaluate_segmentation",
     "segmentation_scores",
 ]

@@ -1,5 +1,6 @@
-"""Model builders for the pipeline: torchvision detectors and smp segmenters, with their default
-distillation taps, task losses and predictors.
+"""Model builders for the pipeline: torchvision detectors, smp segmenters and timm ViT segmenters
+(``arch="vit_seg"``, backbone = a timm ViT name), with their default distillation taps, task
+losses and predictors.
 
     spec = build_model("detection", "retinanet", "resnet50", num_classes=80)
     spec.model          # the nn.Module (plain torchvision / smp model)
@@ -40,15 +41,25 @@ from .segmentation import (
     segmentation_loss,
     segmentation_predict,
 )
+from .vit import (
+    VIT_BACKBONES,
+    VIT_TAPS,
+    ViTSegmenter,
+    build_vit_segmenter,
+    check_vit_name,
+    vit_embed_dim,
+)
 
 __all__ = [
     "REGISTRY",
     "TASKS",
     "ModelSpec",
+    "ViTSegmenter",
     "available_models",
     "build_detector",
     "build_model",
     "build_segmenter",
+    "build_vit_segmenter",
     "count_parameters",
     "default_taps",
     "detection_loss",
@@ -61,9 +72,12 @@ TASKS = ("detection", "segmentation")
 
 REGISTRY: dict[str, dict[str, tuple[str, ...]]] = {
     "detection": dict.fromkeys(DETECTION_ARCHS, DETECTION_BACKBONES),
-    "segmentation": dict.fromkeys(SEGMENTATION_ARCHS, SEGMENTATION_BACKBONES),
+    "segmentation": {
+        **dict.fromkeys(SEGMENTATION_ARCHS, SEGMENTATION_BACKBONES),
+        "vit_seg": VIT_BACKBONES,
+    },
 }
-"""``{task: {arch: valid backbones}}``."""
+"""``{task: {arch: valid backbones}}`` (``vit_seg`` also takes any other timm ViT name)."""
 
 
 @dataclass
@@ -96,14 +110,22 @@ class ModelSpec:
 def _check(task: str, arch: str, backbone: str) -> None:
     check_name("task", task, TASKS)
     check_name(f"{task} arch", arch, tuple(REGISTRY[task]))
+    if arch == "vit_seg":
+        check_vit_name(backbone)
+        return
     check_name(f"{task} backbone for {arch}", backbone, REGISTRY[task][arch])
 
 
-def default_taps(task: str, arch: str, backbone: str) -> tuple[list[str], list[int]]:
-    """``(taps, tap_channels)`` that :func:`build_model` would attach, without building."""
+def default_taps(
+    task: str, arch: str, backbone: str, embed_dim: int | None = None
+) -> tuple[list[str], list[int]]:
+    """``(taps, tap_channels)`` that :func:`build_model` would attach, without building
+    (``embed_dim``: a ViT's width when its builder args override the name's)."""
     _check(task, arch, backbone)
     if task == "detection":
         return list(DETECTION_TAPS), [FPN_CHANNELS] * 5
+    if arch == "vit_seg":
+        return list(VIT_TAPS), [vit_embed_dim(backbone, embed_dim)]
     return list(SEGMENTATION_TAPS), [LAYER4_CHANNELS[backbone]]
 
 
@@ -113,13 +135,18 @@ def build_model(task: str, arch: str, backbone: str, num_classes: int, **kwargs:
     ``task="detection"``: :func:`~freekd.models.detection.build_detector` (``num_classes`` =
     object classes ``K``, labels ``1..K``). ``task="segmentation"``:
     :func:`~freekd.models.segmentation.build_segmenter` (``num_classes`` = mask classes).
+    ``arch="vit_seg"``: :func:`~freekd.models.vit.build_vit_segmenter` on the timm ViT named by
+    ``backbone`` (``img_size``, ``patch_size``, ``depth``, ``decoder``, ``encoder_weights``...).
     ``kwargs`` go to the builder (``weights``, ``weights_backbone``, ``min_size``,
-    ``output_stride``, ...); for segmenters ``weights_backbone`` is accepted as another name of
+    ``output_stride``, ...); for smp segmenters ``weights_backbone`` is accepted as another name of
     ``encoder_weights`` (``"DEFAULT"``: torchvision's ImageNet weights in both tasks).
     """
     _check(task, arch, backbone)
-    taps, channels = default_taps(task, arch, backbone)
-    if task == "detection":
+    taps, channels = default_taps(task, arch, backbone, kwargs.get("embed_dim"))
+    if arch == "vit_seg":
+        model = build_vit_segmenter(backbone, num_classes, **kwargs)
+        task_loss, predict = segmentation_loss, segmentation_predict
+    elif task == "detection":
         model = build_detector(arch, backbone, num_classes, **kwargs)
         task_loss, predict = detection_loss, detection_predict
     else:

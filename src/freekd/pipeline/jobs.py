@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -421,11 +422,41 @@ def write_json(data: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def _robustness(
+    config: RunConfig,
+    model: nn.Module,
+    loader: Any,
+    names: list[str],
+    severities: Sequence[int],
+    seed: int | None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """:func:`~freekd.evaluation.evaluate_robustness` on the validation loader, with the
+    normalisation the pipeline's transforms applied (segmentation with ``data.normalize``)."""
+    from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from ..evaluation import evaluate_robustness
+
+    normalized = config.task == "segmentation" and config.data.normalize
+    return evaluate_robustness(
+        config.task,
+        model,
+        loader,
+        corruptions=names,
+        severities=severities,
+        seed=config.seed if seed is None else seed,
+        normalization=(IMAGENET_MEAN, IMAGENET_STD) if normalized else None,
+        **kwargs,
+    )
+
+
 def evaluate_model(
     config: RunConfig,
     role: str = "student",
     checkpoint: str | os.PathLike | None = None,
     output: str | os.PathLike | None = None,
+    corruptions: str | Sequence[str] | None = None,
+    severities: Sequence[int] = (1, 2, 3, 4, 5),
+    corruption_seed: int | None = None,
 ) -> dict[str, Any]:
     """Score a teacher, FreeKD student or baseline student on the validation set.
 
@@ -433,9 +464,20 @@ def evaluate_model(
     weights are by default); ``checkpoint``: a ``.safetensors`` / ``.pt`` file or a job's
     Lightning ``.ckpt``. Returns and writes (``output``, default ``<job folder>/metrics.json``)
     ``{task, role, arch, backbone, checkpoint, parameters, metric, value, scores}``.
+
+    ``corruptions``: also score the model on corrupted copies of the validation set
+    (``"all"``, a comma-separated string or a list of names of
+    :mod:`freekd.evaluation.corruptions`) at ``severities``, with random corruptions seeded by
+    ``corruption_seed`` (default ``config.seed``); the result then holds ``robustness``:
+    ``{metric, clean, mPC, rPC, per_corruption: {name: {"1": m, ..., "mean": m}}, ...}``
+    (:func:`freekd.evaluation.evaluate_robustness`). Images are corrupted in ``[0, 1]``, before
+    the ImageNet normalisation of ``data.normalize``.
     """
     from ..evaluation import evaluate
+    from ..evaluation.corruptions import resolve_corruptions
     from ..models import count_parameters
+
+    names = resolve_corruptions(corruptions)  # unknown names fail before any work
 
     if role not in ("teacher", "student", "baseline"):
         raise ValueError(f"unknown model {role!r}: choose teacher, student or baseline")
@@ -461,7 +503,14 @@ def evaluate_model(
         if annotation is not None and val_set is base:
             kwargs["annotation_file"] = annotation
     start = time.perf_counter()
-    scores = evaluate(config.task, spec.model, loader, **kwargs)
+    robustness = None
+    if names:
+        robustness = _robustness(
+            config, spec.model, loader, names, severities, corruption_seed, **kwargs
+        )
+        scores = robustness.pop("clean_scores")
+    else:
+        scores = evaluate(config.task, spec.model, loader, **kwargs)
     metric = PRIMARY_METRIC[config.task]
     result = {
         "task": config.task,
@@ -476,6 +525,8 @@ def evaluate_model(
         "seconds": round(time.perf_counter() - start, 2),
         "scores": scores,
     }
+    if robustness is not None:
+        result["robustness"] = robustness
     target = Path(output) if output is not None else job_dir(config, role) / "metrics.json"
     write_json(result, target)
     result["output"] = str(target)
