@@ -218,7 +218,8 @@ class Distiller(nn.Module):
             if s.dim() != 4 or t.dim() != 4:
                 raise ValueError(
                     f"layer {index}: distilled features must be [N, C, H, W], got student "
-                    f"{tuple(s.shape)} and teacher {tuple(t.shape)}"
+                    f"{tuple(s.shape)} and teacher {tuple(t.shape)}: tap layers that output "
+                    f"maps (for token sequences [N, L, C] add '@tokens' to the tap)"
                 )
             channels_differ = s.shape[1] != t.shape[1]
             grid = tuple(t.shape[-2:]) if s.shape[-2:] != t.shape[-2:] else None

@@ -255,7 +255,10 @@ def dwt2(x: Tensor, levels: int = 3, wavelet: str = "haar") -> WaveletBands:
     _check_levels(levels)
     if not isinstance(x, Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"dwt2 expects a 4-D tensor [N, C, H, W], got {shape}")
+        raise ValueError(
+            f"dwt2 expects a 4-D tensor [N, C, H, W], got {shape}: add the missing batch or "
+            f"channel dimension (x[None])"
+        )
     if not x.is_floating_point():
         raise TypeError(
             f"dwt2 expects a floating-point tensor, got {x.dtype}: convert it with x.float()"

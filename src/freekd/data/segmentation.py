@@ -136,7 +136,7 @@ class SegmentationFolder(Dataset):
             if not image_files:
                 raise ValueError(
                     f"SegmentationFolder: no images ({'/'.join(IMAGE_SUFFIXES)}) in "
-                    f"{self.image_dir}"
+                    f"{self.image_dir}: the data set is empty; put the images there or fix root"
                 )
             no_mask = sorted(set(image_files) - set(mask_files))
             no_image = sorted(set(mask_files) - set(image_files))

@@ -315,11 +315,13 @@ class FreeKDLoss(nn.Module):
                 if not isinstance(feat, Tensor) or feat.dim() != 4:
                     shape = tuple(feat.shape) if isinstance(feat, Tensor) else type(feat).__name__
                     raise ValueError(
-                        f"layer {index}: {name} feature must be [N, C, H, W], got {shape}"
+                        f"layer {index}: {name} feature must be [N, C, H, W], got {shape}: "
+                        f"distil maps (add a batch dimension with feature[None])"
                     )
                 if not feat.is_floating_point():
                     raise TypeError(
-                        f"layer {index}: {name} feature must be floating point, got {feat.dtype}"
+                        f"layer {index}: {name} feature must be floating point, got "
+                        f"{feat.dtype}: convert it with .float()"
                     )
             if s.shape != t.shape:
                 raise ValueError(
