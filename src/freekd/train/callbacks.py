@@ -147,9 +147,20 @@ class StepCheckpoint(ModelCheckpoint):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self.stop_requested, self.stopped_by = False, None
+        if stage == "fit" and trainer.is_global_zero:
+            self._remove_stale_temporary_files()
         if stage == "fit" and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
             self._installed = True
+
+    def _remove_stale_temporary_files(self) -> None:
+        """Delete the temporary files of checkpoint writes that a killed run (SIGKILL, power
+        loss) left half done; the checkpoints themselves are intact (atomic rename)."""
+        if self.dirpath is None or not Path(self.dirpath).is_dir():
+            return
+        for path in Path(self.dirpath).glob(".*.ckpt.*.tmp"):
+            logger.info("removing %s, left by an interrupted checkpoint write", path.name)
+            path.unlink(missing_ok=True)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._restore_handler()
