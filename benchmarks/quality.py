@@ -54,46 +54,86 @@ TASK_CHANGES: dict[str, dict[str, Any]] = {
     },
 }
 
-#: Each method as changes to the ``distill`` section; ``None``: the student alone (baseline).
+
+def _merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _distill(**settings: Any) -> dict[str, Any]:
+    """A method as a change to the run settings: ``distill`` keys (+ ``prompts`` changes)."""
+    prompts = settings.pop("prompts", None)
+    change: dict[str, Any] = {"distill": {"mu": 1.0, **settings}}
+    if prompts is not None:
+        change["prompts"] = prompts
+    return change
+
+
+#: Each method as a change to the run settings; ``None``: the student alone (baseline).
 #: Loss weights are the published ones: CWD's segmentation setting (tau 4, weight 3), MGD's
 #: alpha 2e-5 (mask ratio 0.75 for segmentation, 0.65 for detection), FreeKD and MSE weight 1.
 MAIN_METHODS: dict[str, dict[str, Any] | None] = {
     "none": None,
-    "mse": {"method": "mse", "mu": 1.0},
-    "cwd": {"method": "cwd", "mu": 3.0, "method_args": {"tau": 4.0}},
-    "mgd": {"method": "mgd", "mu": 1.0, "method_args": {"alpha": 2e-5}},
-    "freekd-paper": {"method": "freekd", "preset": "paper", "mu": 1.0},
-    "freekd-official": {"method": "freekd", "preset": "official", "mu": 1.0},
+    "mse": _distill(method="mse"),
+    "cwd": _distill(method="cwd", mu=3.0, method_args={"tau": 4.0}),
+    "mgd": _distill(method="mgd", method_args={"alpha": 2e-5}),
+    "freekd-paper": _distill(preset="paper"),
+    "freekd-official": _distill(preset="official"),
 }
 
 #: FreeKD ablations, each the paper preset with one part changed.
 ABLATIONS: dict[str, dict[str, Any]] = {
-    "paper-no-masks": {
-        "method": "frequency",
-        "mu": 1.0,
-        "method_args": {"relational": True, "include_low": False},
-    },
-    "frequency-l1": {"method": "frequency", "mu": 1.0},  # all bands, no masks, no weight
-    "paper-no-relational": {"preset": "paper", "loss": {"relational": False}},
-    "paper-low-band": {"preset": "paper", "loss": {"include_low": True}},
-    "paper-T1": {"preset": "paper", "loss": {"num_prompts": 1}},
-    "paper-T6": {"preset": "paper", "loss": {"num_prompts": 6}},
-    "paper-level": {"preset": "paper", "loss": {"granularity": "level"}},
-    "paper-dice": {"preset": "paper", "loss": {"dissimilarity": "dice"}},
+    "paper-no-masks": _distill(
+        method="frequency", method_args={"relational": True, "include_low": False}
+    ),
+    "frequency-l1": _distill(method="frequency"),  # all bands, no masks, no channel weight
+    "paper-no-relational": _distill(preset="paper", loss={"relational": False}),
+    "paper-low-band": _distill(preset="paper", loss={"include_low": True}),
+    "paper-T1": _distill(preset="paper", loss={"num_prompts": 1}),
+    "paper-T6": _distill(preset="paper", loss={"num_prompts": 6}),
+    "paper-level": _distill(preset="paper", loss={"granularity": "level"}),
+    "paper-dice": _distill(preset="paper", loss={"dissimilarity": "dice"}),
 }
+
+#: What else could make FreeKD win: its weight, longer prompt tuning, more distilled layers.
+INVESTIGATIONS: dict[str, dict[str, Any]] = {
+    "paper-mu0.3": _distill(preset="paper", mu=0.3),
+    "paper-mu3": _distill(preset="paper", mu=3.0),
+    "paper-mu10": _distill(preset="paper", mu=10.0),
+    "paper-prompts200": _distill(preset="paper", prompts={"steps": 200}),
+    "paper-layer3+4": _distill(
+        preset="paper",
+        teacher_taps=["encoder.layer3", "encoder.layer4"],
+        student_taps=["encoder.layer3", "encoder.layer4"],
+    ),
+}
+
+#: Methods whose taps only the segmenters have.
+SEGMENTATION_ONLY = {"paper-layer3+4"}
 
 METHODS: dict[str, dict[str, Any] | None] = {
     **MAIN_METHODS,
-    **{name: {"method": "freekd", "mu": 1.0, **change} for name, change in ABLATIONS.items()},
+    **{
+        name: _merge({"distill": {"method": "freekd"}}, change)
+        for name, change in ABLATIONS.items()
+    },
+    **INVESTIGATIONS,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # A 2-core CPU in about an hour: the demo's ResNet-34 teacher (a ResNet-50 PSPNet step at
+    # output stride 8 costs ~2 s there, 800 of them alone would take half an hour).
     "small": {
         "tasks": ["segmentation"],
         "methods": list(MAIN_METHODS),
         "seeds": 2,
         "device": "cpu",
-        "changes": {},
+        "changes": {"teacher": {"backbone": "resnet34"}},
     },
     "full": {
         "tasks": ["segmentation", "detection"],
@@ -141,16 +181,6 @@ MIN_GAP = 5.0  # points the teacher must beat the undistilled student by
 log = logging.getLogger("quality")
 
 
-def _merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(base)
-    for key, value in change.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
 def task_settings(task: str, preset: str, device: str) -> dict[str, Any]:
     """The run settings (plain data) of ``task`` before the method and seed are chosen."""
     settings = _merge(DEMO_CONFIGS[task], TASK_CHANGES[task])
@@ -168,10 +198,10 @@ def method_config(
     data = _merge(settings, {"run_dir": str(run_dir), "seed": seed})
     data["teacher"]["checkpoint"] = str(teacher)
     if change is not None:
-        distill_settings = {"preset": "paper", "mu": 1.0, "projection": "auto"}
-        if method.startswith("mgd") and settings["task"] == "segmentation":
-            change = _merge(change, {"method_args": {"mask_ratio": 0.75}})
-        data["distill"] = _merge(distill_settings, change)
+        data["distill"] = {"preset": "paper", "mu": 1.0, "projection": "auto"}
+        if method == "mgd" and settings["task"] == "segmentation":
+            change = _merge(change, {"distill": {"method_args": {"mask_ratio": 0.75}}})
+        data = _merge(data, change)
     return config_from_dict(data, source=f"quality benchmark ({method})")
 
 
@@ -397,14 +427,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--small", action="store_const", const="small", dest="preset")
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--tasks", help="comma-separated subset of the preset's tasks")
-    parser.add_argument("--methods", help=f"comma-separated, from: {', '.join(METHODS)}")
+    parser.add_argument(
+        "--methods",
+        help=f"comma-separated, from: {', '.join(METHODS)}; or the groups main, "
+        "ablations, investigations, all",
+    )
     parser.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the preset's)")
     parser.add_argument("--device", help="cpu, cuda or auto (default: the preset's)")
     parser.add_argument("--robustness", action="store_true", help="also score on corruptions")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     args.tasks = args.tasks.split(",") if args.tasks else preset["tasks"]
-    args.methods = args.methods.split(",") if args.methods else preset["methods"]
+    groups = {
+        "main": list(MAIN_METHODS),
+        "ablations": list(ABLATIONS),
+        "investigations": list(INVESTIGATIONS),
+        "all": list(METHODS),
+    }
+    names = args.methods.split(",") if args.methods else preset["methods"]
+    args.methods = [m for name in names for m in groups.get(name, [name])]
     args.seeds = args.seeds if args.seeds is not None else preset["seeds"]
     args.device = args.device or preset["device"]
     for name in args.methods:
@@ -428,6 +469,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log.info("[%s] teacher %s %.2f", task, METRIC[task], teachers[task])
         for seed in range(args.seeds):
             for method in args.methods:
+                if task != "segmentation" and method in SEGMENTATION_ONLY:
+                    continue
                 record = run_student(task, settings, method, seed, args.out, teacher)
                 log.info("[%s] %s seed %d: %.2f", task, method, seed, record["value"])
                 records.append(record)

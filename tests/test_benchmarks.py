@@ -42,8 +42,11 @@ def test_verdict_compares_the_difference_with_the_seed_spread(quality):
 
 
 def test_method_settings_become_valid_configs(quality, tmp_path):
-    settings = quality.task_settings("segmentation", "small", "cpu")
+    settings = quality.task_settings("segmentation", "full", "cpu")
     assert settings["teacher"]["backbone"] == "resnet50"
+    assert (
+        quality.task_settings("segmentation", "small", "cpu")["teacher"]["backbone"] == "resnet34"
+    )
     for method in quality.METHODS:
         config = quality.method_config(settings, method, 1, tmp_path / method, tmp_path / "t")
         assert config.seed == 1 and config.teacher.checkpoint == str(tmp_path / "t")
