@@ -341,3 +341,19 @@ student: {{arch: vit_seg, backbone: vit_tiny_patch16_224, args: {json.dumps(args
     bad = runner.invoke(app, [*common, "--corruptions", "fog", "--severities", "0,6"])
     assert bad.exit_code == 2 and "--severities" in bad.output
     assert not math.isnan(result["value"])
+
+
+def test_detection_batches_are_corrupted_image_by_image():
+    from freekd.evaluation.robustness import _corrupted_batches, _Normalizer
+
+    images = list(scene(count=3, size=24))
+    images[1] = images[1][:, :16]  # detection images may differ in size
+    targets = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}] * 3
+    loader = [(images[:2], targets[:2]), (images[2:], targets[2:])]
+    batches = list(_corrupted_batches("detection", loader, "fog", 2, 7, _Normalizer(None)))
+    corrupted = [image for batch in batches for image in batch[0]]
+    assert [b[1] for b in batches] == [targets[:2], targets[2:]]
+    for index, (image, out) in enumerate(zip(images, corrupted, strict=True)):
+        assert out.shape == image.shape
+        expected = corrupt(image[None], "fog", 2, seed=7, index_offset=index)[0]
+        torch.testing.assert_close(out, expected)
