@@ -72,7 +72,8 @@ def read_prompt_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except Exception as error:  # safetensors raises its own error types
         raise ValueError(
-            f"{str(path)!r} is not a readable safetensors prompt file: {error}"
+            f"{str(path)!r} is not a readable safetensors prompt file ({error}): save it "
+            f"again with FreeKDLoss.save_prompts, or tune the prompts again"
         ) from None
     if metadata.get("format") != FORMAT:
         raise ValueError(

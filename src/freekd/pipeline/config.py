@@ -181,7 +181,9 @@ class DistillSection:
     ``projection``: ``auto`` | ``always`` | ``none``. The official recipes' extra terms:
     ``mse_weight`` (spatial MSE on the projected features) and ``head_weight`` (SmoothL1
     between the box-regression head outputs, at ``teacher_head`` / ``student_head``; default
-    ``head.regression_head`` for RetinaNet).
+    ``head.regression_head`` for RetinaNet). ``nonfinite``: on NaN/Inf in a distilled feature
+    or a loss term, ``raise`` (naming the tap), ``skip`` the step on every process (counted as
+    ``train/nonfinite_skipped``) or ``off`` (no check).
     """
 
     method: Literal["freekd", "mse", "cwd", "mgd", "frequency"] = "freekd"
@@ -196,6 +198,7 @@ class DistillSection:
     head_weight: float = 0.0
     teacher_head: str | None = None
     student_head: str | None = None
+    nonfinite: Literal["raise", "skip", "off"] = "raise"
 
     def __post_init__(self) -> None:
         for name in ("mu", "mse_weight", "head_weight"):

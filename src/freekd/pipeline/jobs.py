@@ -365,6 +365,7 @@ def distill(config: RunConfig, resume: str | None = None, force: bool = False) -
         loss_weights=weights,
         projection=settings.projection,
         output_losses=_output_losses(config),
+        nonfinite=settings.nonfinite,
     )
     job = config.student.train
     module = DistillModule(
