@@ -108,7 +108,9 @@ def _model_args(task: str, image: tuple[int, int]) -> dict[str, Any]:
     return {}
 
 
-def run_row(task: str, method: str, device: str, repeats: int, quick: bool) -> dict[str, Any]:
+def run_row(
+    task: str, method: str, device: str, repeats: int, quick: bool, warmups: int, compile_loss: bool
+) -> dict[str, Any]:
     """Time ``repeats`` training steps (after warm-ups) and the loss alone; one JSON row."""
     import torch
 
@@ -159,8 +161,8 @@ def run_row(task: str, method: str, device: str, repeats: int, quick: bool) -> d
         optimizer.step()
 
     rss_before = _current_rss_kb()
-    step()  # warm-up
-    step()
+    for _ in range(warmups):
+        step()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -174,12 +176,14 @@ def run_row(task: str, method: str, device: str, repeats: int, quick: bool) -> d
         row["peak_mb"] = max(0, _max_rss_kb() - rss_before) / 1024
         row["memory_kind"] = "peak RSS during the steps minus RSS after building the models"
     if loss is not None:
-        row.update(_loss_alone(loss, model, batch, device, repeats, method))
+        row.update(_loss_alone(loss, model, batch, device, repeats, method, compile_loss))
         row["loss_share"] = row["loss_ms"] / row["step_ms"]
     return row
 
 
-def _loss_alone(loss, distiller, batch, device: str, repeats: int, method: str) -> dict:
+def _loss_alone(
+    loss, distiller, batch, device: str, repeats: int, method: str, compile_loss: bool
+) -> dict:
     """Forward + backward of the distillation loss alone on the step's feature shapes."""
     import torch
 
@@ -200,7 +204,7 @@ def _loss_alone(loss, distiller, batch, device: str, repeats: int, method: str) 
         return statistics.median(timer(once) for _ in range(max(repeats, 5)))
 
     result: dict[str, Any] = {"loss_ms": run(loss)}
-    if method.startswith("freekd"):
+    if method.startswith("freekd") and compile_loss:
         for name, mode in (("compile", "default"), ("cudagraphs", "reduce-overhead")):
             if name == "cudagraphs" and device != "cuda":
                 result[f"loss_{name}_ms"] = "n/a on CPU"
@@ -219,7 +223,8 @@ def _loss_alone(loss, distiller, batch, device: str, repeats: int, method: str) 
 
 def _run_child(task: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
     command = [sys.executable, __file__, "--row", f"{task}:{method}", "--device", args.device]
-    command += ["--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
+    command += ["--repeats", str(args.repeats), "--warmups", str(args.warmups)]
+    command += (["--quick"] if args.quick else []) + ([] if args.compile else ["--no-compile"])
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     begin = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
@@ -246,7 +251,8 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, busy: str) -> s
     lines = [
         f"Step speed on {machine}, torch {torch.__version__}, {platform.python_version()}; "
         f"batch {BATCH}, fp32, {'quick shapes' if args.quick else 'paper shapes'}; "
-        f"median of {args.repeats} steps after 2 warm-ups; other load before the run: {busy}.",
+        f"median of {args.repeats} steps after {args.warmups} warm-up(s), "
+        f"{torch.get_num_threads()} thread(s); other load before the run: {busy}.",
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
         "",
         "| task | method | step ms | vs none | peak MB | loss ms (fwd+bwd) | loss share "
@@ -284,12 +290,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeats", type=int, help="timed steps per row (CPU 3, CUDA 20)")
+    parser.add_argument("--warmups", type=int, help="untimed steps first (CPU 1, CUDA 3)")
+    parser.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="skip the compiled-loss rows"
+    )
     parser.add_argument("--quick", action="store_true", help="small images: a smoke run")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 20 if args.device == "cuda" else 3
+    if args.warmups is None:
+        args.warmups = 3 if args.device == "cuda" else 1
     args.tasks, args.methods = args.tasks.split(","), args.methods.split(",")
     for task in args.tasks:
         if task not in TASKS:
@@ -304,7 +316,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     if args.row:
         task, method = args.row.split(":")
-        print(json.dumps(run_row(task, method, args.device, args.repeats, args.quick)))
+        row = run_row(
+            task, method, args.device, args.repeats, args.quick, args.warmups, args.compile
+        )
+        print(json.dumps(row))
         return []
     busy = _cpu_busy()
     rows = []

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from torch import Tensor
+
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     """Raise a ``ValueError`` naming ``name``, the bad ``value`` and the valid ``choices``."""
@@ -14,3 +18,62 @@ def check_positive_int(name: str, value: object) -> None:
     """Raise a ``ValueError`` unless ``value`` is an integer >= 1."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def check_feature_lists(
+    loss: str,
+    student_feats: Sequence[Tensor],
+    teacher_feats: Sequence[Tensor],
+    channels: Sequence[int] | None = None,
+) -> None:
+    """Raise a clear error unless the two lists hold one non-empty ``[N, C, H, W]``
+    floating-point tensor per layer each, of equal shapes and on one device (and with
+    ``channels[i]`` channels at layer ``i`` when ``channels`` is given). ``loss`` names the
+    caller in the messages."""
+    for name, feats in (("student_feats", student_feats), ("teacher_feats", teacher_feats)):
+        if isinstance(feats, Tensor) or not isinstance(feats, Sequence):
+            raise TypeError(
+                f"{loss}: {name} must be a list of [N, C, H, W] tensors (one per layer), got "
+                f"{type(feats).__name__}: wrap a single feature as [feature]"
+            )
+    expected = len(channels) if channels is not None else len(teacher_feats)
+    if len(student_feats) != len(teacher_feats) or len(teacher_feats) != expected or not expected:
+        built = f" distils {expected} layers (channels={list(channels)});" if channels else ":"
+        raise ValueError(
+            f"{loss}{built} got {len(student_feats)} student and {len(teacher_feats)} teacher "
+            f"features: pass one student feature per distilled teacher layer"
+        )
+    for index, (s, t) in enumerate(zip(student_feats, teacher_feats, strict=True)):
+        where = f"{loss} layer {index}"
+        for name, feat in (("student", s), ("teacher", t)):
+            if not isinstance(feat, Tensor) or feat.dim() != 4:
+                shape = tuple(feat.shape) if isinstance(feat, Tensor) else type(feat).__name__
+                raise ValueError(
+                    f"{where}: {name} feature must be [N, C, H, W], got {shape}: distil maps "
+                    f"(add a batch dimension with feature[None])"
+                )
+            if not feat.is_floating_point():
+                raise TypeError(
+                    f"{where}: {name} feature must be floating point, got {feat.dtype}: "
+                    f"convert it with .float()"
+                )
+        if s.shape != t.shape:
+            raise ValueError(
+                f"{where}: student feature {tuple(s.shape)} differs from teacher "
+                f"{tuple(t.shape)}: project the student (Distiller's projection='auto')"
+            )
+        if t.numel() == 0:
+            raise ValueError(
+                f"{where}: the features {tuple(t.shape)} are empty (a size is 0): pass a "
+                f"non-empty batch and tap a layer with a spatial map"
+            )
+        if s.device != t.device:
+            raise ValueError(
+                f"{where}: student feature on {s.device}, teacher on {t.device}: move teacher "
+                f"and student to one device"
+            )
+        if channels is not None and t.shape[1] != channels[index]:
+            raise ValueError(
+                f"{where}: features have {t.shape[1]} channels, the loss was built for "
+                f"{channels[index]}: pass channels={[f.shape[1] for f in teacher_feats]}"
+            )

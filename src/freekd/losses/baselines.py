@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_positive_int
+from .._checks import check_feature_lists, check_positive_int
 from ..relation import RelationalGate
 from ..wavelets import dwt2, wavelet_filters
-from .freekd import _masked_band_l1
+from .freekd import _compute_dtype, _masked_band_l1
 
 __all__ = [
     "BASELINES",
@@ -38,56 +38,7 @@ __all__ = [
     "FeatureMSE",
     "FrequencyL1",
     "MaskedGenerativeDistillation",
-    "check_feature_lists",
 ]
-
-
-def check_feature_lists(
-    loss: str,
-    student_feats: Sequence[Tensor],
-    teacher_feats: Sequence[Tensor],
-    channels: Sequence[int] | None = None,
-) -> None:
-    """Raise a clear error unless the two lists hold one ``[N, C, H, W]`` floating-point tensor
-    per layer each, of equal shapes (and ``channels[i]`` channels at layer ``i`` when given)."""
-    for name, feats in (("student_feats", student_feats), ("teacher_feats", teacher_feats)):
-        if isinstance(feats, Tensor) or not isinstance(feats, Sequence):
-            raise TypeError(
-                f"{loss}: {name} must be a list of [N, C, H, W] tensors (one per layer), got "
-                f"{type(feats).__name__}: wrap a single feature as [feature]"
-            )
-    expected = len(channels) if channels is not None else len(teacher_feats)
-    if len(student_feats) != len(teacher_feats) or len(teacher_feats) != expected or not expected:
-        built = f" (built for {expected} layers)" if channels is not None else ""
-        raise ValueError(
-            f"{loss}{built}: got {len(student_feats)} student and {len(teacher_feats)} teacher "
-            f"features: pass one student feature per distilled teacher layer"
-        )
-    for index, (s, t) in enumerate(zip(student_feats, teacher_feats, strict=True)):
-        for name, feat in (("student", s), ("teacher", t)):
-            if not isinstance(feat, Tensor) or feat.dim() != 4:
-                shape = tuple(feat.shape) if isinstance(feat, Tensor) else type(feat).__name__
-                raise ValueError(
-                    f"{loss} layer {index}: {name} feature must be [N, C, H, W], got {shape}"
-                )
-            if not feat.is_floating_point():
-                raise TypeError(
-                    f"{loss} layer {index}: {name} feature must be floating point, got {feat.dtype}"
-                )
-        if s.shape != t.shape:
-            raise ValueError(
-                f"{loss} layer {index}: student feature {tuple(s.shape)} differs from teacher "
-                f"{tuple(t.shape)}: project the student first (Distiller's projection='auto')"
-            )
-        if channels is not None and t.shape[1] != channels[index]:
-            raise ValueError(
-                f"{loss} layer {index}: features have {t.shape[1]} channels, the loss was built "
-                f"for {channels[index]}: pass channels={[f.shape[1] for f in teacher_feats]}"
-            )
-
-
-def _upcast(feature: Tensor) -> Tensor:
-    return feature if feature.dtype == torch.float64 else feature.float()
 
 
 def _check_channels(loss: str, channels: Sequence[int]) -> list[int]:
@@ -109,9 +60,10 @@ class _LayerwiseLoss(nn.Module):
 
     def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
         check_feature_lists(type(self).__name__, student_feats, teacher_feats, self.channels)
+        dtype = _compute_dtype(student_feats, teacher_feats)
         with torch.autocast(device_type=teacher_feats[0].device.type, enabled=False):
-            teacher = [_upcast(t.detach()) for t in teacher_feats]
-            student = [_upcast(s) for s in student_feats]
+            teacher = [t.detach().to(dtype) for t in teacher_feats]
+            student = [s.to(dtype) for s in student_feats]
             terms = [self.layer_loss(i, student, teacher) for i in range(len(teacher))]
         self.last_terms = {f"layer{i}": term.detach() for i, term in enumerate(terms)}
         return torch.stack(terms).sum()

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_positive_int
+from .._checks import check_choice, check_feature_lists, check_positive_int
 from ..prompts import DISSIMILARITIES, GRANULARITIES, FrequencyPrompt
 from ..relation import GATES, RelationalGate
 from ..wavelets import dwt2, wavelet_filters
@@ -299,50 +299,7 @@ class FreeKDLoss(nn.Module):
     # ------------------------------------------------------------------ checks
 
     def _check_features(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]):
-        for name, feats in (("student_feats", student_feats), ("teacher_feats", teacher_feats)):
-            if isinstance(feats, Tensor) or not isinstance(feats, Sequence):
-                raise TypeError(
-                    f"{name} must be a list of [N, C, H, W] tensors (one per layer), got "
-                    f"{type(feats).__name__}: wrap a single feature as [feature]"
-                )
-        if len(student_feats) != len(teacher_feats) or len(teacher_feats) != len(self.channels):
-            raise ValueError(
-                f"FreeKDLoss distils {len(self.channels)} layers (channels={self.channels}); got "
-                f"{len(student_feats)} student and {len(teacher_feats)} teacher features"
-            )
-        for index, (s, t) in enumerate(zip(student_feats, teacher_feats, strict=True)):
-            for name, feat in (("student", s), ("teacher", t)):
-                if not isinstance(feat, Tensor) or feat.dim() != 4:
-                    shape = tuple(feat.shape) if isinstance(feat, Tensor) else type(feat).__name__
-                    raise ValueError(
-                        f"layer {index}: {name} feature must be [N, C, H, W], got {shape}: "
-                        f"distil maps (add a batch dimension with feature[None])"
-                    )
-                if not feat.is_floating_point():
-                    raise TypeError(
-                        f"layer {index}: {name} feature must be floating point, got "
-                        f"{feat.dtype}: convert it with .float()"
-                    )
-            if s.shape != t.shape:
-                raise ValueError(
-                    f"layer {index}: student feature {tuple(s.shape)} differs from teacher "
-                    f"{tuple(t.shape)}: project the student (Distiller's projection='auto')"
-                )
-            if t.numel() == 0:
-                raise ValueError(
-                    f"layer {index}: the features {tuple(t.shape)} are empty (a size is 0): "
-                    f"pass a non-empty batch and tap a layer with a spatial map"
-                )
-            if s.device != t.device:
-                raise ValueError(
-                    f"layer {index}: student feature on {s.device}, teacher on {t.device}: move "
-                    f"teacher and student to one device"
-                )
-            if t.shape[1] != self.channels[index]:
-                raise ValueError(
-                    f"layer {index}: features have {t.shape[1]} channels, the loss was built for "
-                    f"{self.channels[index]}: pass channels={[f.shape[1] for f in teacher_feats]}"
-                )
+        check_feature_lists("FreeKDLoss", student_feats, teacher_feats, self.channels)
 
     def _warn_if_untuned(self) -> None:
         if self._untuned_checked:
