@@ -12,7 +12,7 @@ the FreeKD ablations; several seeds. Writes into ``--out`` (default ``runs/quali
 
 A finished run (its ``result.json``) is never redone, so a rerun only trains what is missing,
 e.g. after adding a seed or a method. ``--robustness`` also scores the students (no distillation,
-MSE, FreeKD) on corrupted images, when :mod:`freekd.evaluation` provides the corruptions.
+MSE, FreeKD paper) on corrupted images (:func:`freekd.evaluation.evaluate_robustness`).
 
     .venv/bin/python benchmarks/quality.py --preset small        # ~1 h on a 2-core CPU
     .venv/bin/python benchmarks/quality.py --preset full         # + detection and ablations
@@ -286,7 +286,7 @@ def run_student(
 
 def robustness(
     task: str, settings: dict[str, Any], record: dict[str, Any], out: Path, teacher: Path
-) -> dict[str, Any] | None:
+) -> dict[str, Any]:
     """Clean metric, mPC and rPC of one student on corrupted validation images (cached)."""
     run_dir = out / task / record["method"] / f"seed{record['seed']}"
     path = run_dir / "robustness.json"
@@ -294,16 +294,14 @@ def robustness(
     if cached is not None:
         return cached
     config = method_config(settings, record["method"], record["seed"], run_dir, teacher)
-    try:
-        score = evaluate_model(
-            config,
-            record["role"],
-            output=run_dir / "robustness_metrics.json",
-            corruptions="all",
-        )
-    except TypeError:  # this freekd has no corruption evaluation
-        return None
-    result = {key: score[key] for key in ("clean", "mPC", "rPC", "per_corruption") if key in score}
+    score = evaluate_model(
+        config,
+        record["role"],
+        output=run_dir / "robustness_metrics.json",
+        corruptions="all",
+        corruption_seed=0,  # the same corrupted images for every student
+    )
+    result = {key: score["robustness"][key] for key in ("clean", "mPC", "rPC", "per_corruption")}
     _write_json(result, path)
     return result
 
@@ -374,14 +372,14 @@ def markdown(summary: dict[str, Any], robust: dict[str, Any], header: str) -> st
             lines += [
                 "",
                 f"Robustness ({metric} on corrupted validation images: 12 corruptions x "
-                f"severities 1-5; mPC = mean over them, rPC = mPC / clean):",
+                f"severities 1-5, seed 0; mPC = mean over them, rPC = 100 * mPC / clean):",
                 "",
                 "| method | clean | mPC | rPC |",
                 "|---|---|---|---|",
             ]
             for name, values in robust[task].items():
                 clean, mpc, rpc = (mean_std(values[k])[0] for k in ("clean", "mPC", "rPC"))
-                lines.append(f"| {name} | {clean:.2f} | {mpc:.2f} | {rpc:.3f} |")
+                lines.append(f"| {name} | {clean:.2f} | {mpc:.2f} | {rpc:.1f}% |")
         lines.append("")
     return "\n".join(lines)
 
@@ -476,10 +474,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 records.append(record)
                 if args.robustness and method in ROBUSTNESS_METHODS:
                     scores = robustness(task, settings, record, args.out, teacher)
-                    if scores is not None:
-                        row = robust.setdefault(task, {}).setdefault(method, {})
-                        for key in ("clean", "mPC", "rPC"):
-                            row.setdefault(key, []).append(scores[key])
+                    row = robust.setdefault(task, {}).setdefault(method, {})
+                    for key in ("clean", "mPC", "rPC"):
+                        row.setdefault(key, []).append(scores[key])
     summary = summarise(records, teachers)
     hours = (time.perf_counter() - start) / 3600
     header = (

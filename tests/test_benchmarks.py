@@ -61,6 +61,7 @@ def test_method_settings_become_valid_configs(quality, tmp_path):
 
 def test_quality_smoke_run_writes_tables_and_reuses_finished_runs(quality, tmp_path, capsys):
     args = ["--preset", "smoke", "--out", str(tmp_path), "--methods", "none,mgd,freekd-paper"]
+    args.append("--robustness")
     summary = quality.main(args)
     rows = summary["segmentation"]["methods"]
     assert list(rows) == ["none", "mgd", "freekd-paper"]
@@ -68,7 +69,17 @@ def test_quality_smoke_run_writes_tables_and_reuses_finished_runs(quality, tmp_p
     table = (tmp_path / "results.md").read_text()
     for name in ("| teacher |", "| none |", "| mgd |", "| freekd-paper |", "freekd-paper"):
         assert name in table
-    records = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert (
+        "| none |" in table.split("Robustness")[1] and "| mgd |" not in table.split("Robustness")[1]
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    robust = results["robustness"]["segmentation"]
+    assert set(robust) == {"none", "freekd-paper"}
+    for scores in robust.values():
+        assert 0 <= scores["mPC"][0] <= 100 and scores["clean"][0] == pytest.approx(
+            rows["freekd-paper" if scores is robust["freekd-paper"] else "none"]["values"][0]
+        )
+    records = results["records"]
     assert {r["method"] for r in records} == {"none", "mgd", "freekd-paper"}
     assert (tmp_path / "segmentation" / "freekd-paper" / "seed0" / "prompts").is_dir()
     assert not (tmp_path / "segmentation" / "mgd" / "seed0" / "prompts").exists()
