@@ -285,7 +285,12 @@ def run_student(
 
 
 def robustness(
-    task: str, settings: dict[str, Any], record: dict[str, Any], out: Path, teacher: Path
+    task: str,
+    settings: dict[str, Any],
+    record: dict[str, Any],
+    out: Path,
+    teacher: Path,
+    images: int | None,
 ) -> dict[str, Any]:
     """Clean metric, mPC and rPC of one student on corrupted validation images (cached)."""
     run_dir = out / task / record["method"] / f"seed{record['seed']}"
@@ -294,6 +299,7 @@ def robustness(
     if cached is not None:
         return cached
     config = method_config(settings, record["method"], record["seed"], run_dir, teacher)
+    config.data.val_limit = images  # the first ``images`` validation scenes (None: all)
     score = evaluate_model(
         config,
         record["role"],
@@ -302,6 +308,7 @@ def robustness(
         corruption_seed=0,  # the same corrupted images for every student
     )
     result = {key: score["robustness"][key] for key in ("clean", "mPC", "rPC", "per_corruption")}
+    result["images"] = score["images"]
     _write_json(result, path)
     return result
 
@@ -371,8 +378,9 @@ def markdown(summary: dict[str, Any], robust: dict[str, Any], header: str) -> st
         if robust.get(task):
             lines += [
                 "",
-                f"Robustness ({metric} on corrupted validation images: 12 corruptions x "
-                f"severities 1-5, seed 0; mPC = mean over them, rPC = 100 * mPC / clean):",
+                f"Robustness ({metric} on the first --robustness-images validation scenes, "
+                f"corrupted: 12 corruptions x severities 1-5, seed 0; mPC = mean over them, "
+                f"rPC = 100 * mPC / clean):",
                 "",
                 "| method | clean | mPC | rPC |",
                 "|---|---|---|---|",
@@ -433,6 +441,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the preset's)")
     parser.add_argument("--device", help="cpu, cuda or auto (default: the preset's)")
     parser.add_argument("--robustness", action="store_true", help="also score on corruptions")
+    parser.add_argument(
+        "--robustness-images", type=int, default=100, help="validation scenes for --robustness"
+    )
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     args.tasks = args.tasks.split(",") if args.tasks else preset["tasks"]
@@ -473,7 +484,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 log.info("[%s] %s seed %d: %.2f", task, method, seed, record["value"])
                 records.append(record)
                 if args.robustness and method in ROBUSTNESS_METHODS:
-                    scores = robustness(task, settings, record, args.out, teacher)
+                    scores = robustness(
+                        task, settings, record, args.out, teacher, args.robustness_images
+                    )
                     row = robust.setdefault(task, {}).setdefault(method, {})
                     for key in ("clean", "mPC", "rPC"):
                         row.setdefault(key, []).append(scores[key])
