@@ -106,6 +106,10 @@ INVESTIGATIONS: dict[str, dict[str, Any]] = {
     "paper-mu3": _distill(preset="paper", mu=3.0),
     "paper-mu10": _distill(preset="paper", mu=10.0),
     "paper-prompts200": _distill(preset="paper", prompts={"steps": 200}),
+    "high-bands-l1": _distill(method="frequency", method_args={"include_low": False}),
+    "official-mu3": _distill(preset="official", mu=3.0),
+    "official-low-band": _distill(preset="official", loss={"include_low": True}),
+    "official+mse": _distill(preset="official", mse_weight=1.0),
     "paper-layer3+4": _distill(
         preset="paper",
         teacher_taps=["encoder.layer3", "encoder.layer4"],
