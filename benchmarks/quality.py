@@ -12,7 +12,8 @@ the FreeKD ablations; several seeds. Writes into ``--out`` (default ``runs/quali
 
 A finished run (its ``result.json``) is never redone, so a rerun only trains what is missing,
 e.g. after adding a seed or a method. ``--robustness`` also scores the students (no distillation,
-MSE, FreeKD paper) on corrupted images (:func:`freekd.evaluation.evaluate_robustness`).
+MSE, FreeKD paper and official) on corrupted images
+(:func:`freekd.evaluation.evaluate_robustness`).
 
     .venv/bin/python benchmarks/quality.py --preset small        # ~1 h on a 2-core CPU
     .venv/bin/python benchmarks/quality.py --preset full         # + detection and ablations
@@ -178,7 +179,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-ROBUSTNESS_METHODS = ("none", "mse", "freekd-paper")
+ROBUSTNESS_METHODS = ("none", "mse", "freekd-paper", "freekd-official")
 METRIC = {"segmentation": "mIoU", "detection": "mAP"}
 MIN_GAP = 5.0  # points the teacher must beat the undistilled student by
 
