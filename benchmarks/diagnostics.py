@@ -1,14 +1,17 @@
-"""How many channels does FreeKD's relational weight actually distil?
+"""What FreeKD's weights and masks look like on the quality benchmark's features.
 
 Loads the quality benchmark's teacher and one student (``runs/quality`` by default), taps their
-distilled layer on validation scenes and reports, per image, the effective number of channels
-of the relational weight ``omega`` (``1 / sum p_c^2`` with ``p = omega / sum omega``; ``C`` when
-uniform), the share of the total weight held by the top 5 channels, and how many channels get a
-weight above 0.01 (the mean weight is 1).
+distilled layer on validation scenes and reports:
 
-    .venv/bin/python benchmarks/relational_concentration.py
-    .venv/bin/python benchmarks/relational_concentration.py \
-        --student runs/quality/segmentation/mse/seed0
+- the relational weight ``omega``: per image, its effective number of channels
+  (``1 / sum p_c^2`` with ``p = omega / sum omega``; ``C`` when uniform), the share of the total
+  weight held by the top 5 channels, and how many channels get a weight above 0.01 (mean 1);
+- the tuned prompt masks of that run's FreeKD students (``freekd-official``, ``freekd-paper``):
+  per band, the mean mask, the fraction above 0.5, and the fraction saturated (below 1e-3 or
+  above 1 - 1e-3, where the sigmoid passes almost no gradient to the prompt tokens).
+
+    .venv/bin/python benchmarks/diagnostics.py
+    .venv/bin/python benchmarks/diagnostics.py --student runs/quality/segmentation/mse/seed0
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quality  # noqa: E402
 
+from freekd import FreeKDLoss, dwt2  # noqa: E402
 from freekd.checkpoints import load_weights  # noqa: E402
 from freekd.models import build_model  # noqa: E402
 from freekd.pipeline.builders import build_data  # noqa: E402
@@ -69,8 +73,28 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     print(f"{teacher_path} vs {student_path}: layer {tuple(teacher.shape)}")
     for name, values in report.items():
         listed = ", ".join(f"{v:.2f}" for v in values)
-        print(f"{name}: median {statistics.median(values):.2f} (per image: {listed})")
+        print(f"omega {name}: median {statistics.median(values):.2f} (per image: {listed})")
+    for method in ("freekd-official", "freekd-paper"):
+        prompts = args.out / "segmentation" / method / "seed0" / "prompts" / "prompts.safetensors"
+        if prompts.is_file():
+            print(f"{method} masks: {mask_report(method, prompts, teacher)}")
     return report
+
+
+def mask_report(method: str, prompts: Path, teacher: torch.Tensor) -> str:
+    """Mean, fraction > 0.5 and fraction saturated of the tuned masks, per band."""
+    loss = FreeKDLoss.preset(method.removeprefix("freekd-"), [teacher.shape[1]])
+    loss.load_prompts(prompts)
+    with torch.no_grad():
+        low, highs = loss.prompts[0].masks(dwt2(teacher, loss.levels, loss.wavelet), True)
+    parts = []
+    for name, masks in (("low", low), *((f"level {j}", m) for j, m in enumerate(highs, 1))):
+        saturated = ((masks < 1e-3) | (masks > 1 - 1e-3)).float().mean()
+        parts.append(
+            f"{name}: mean {masks.mean():.3f}, >0.5 {(masks > 0.5).float().mean():.2f}, "
+            f"saturated {saturated:.2f}"
+        )
+    return "; ".join(parts)
 
 
 if __name__ == "__main__":
