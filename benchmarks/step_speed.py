@@ -249,7 +249,7 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, busy: str) -> s
     if args.device == "cuda":
         machine = torch.cuda.get_device_name(0)
     else:
-        machine = f"{_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+        machine = f"{_cpu_model()}, {os.cpu_count()} cores"
     lines = [
         f"Step speed on {machine}, torch {torch.__version__}, {platform.python_version()}; "
         f"batch {BATCH}, fp32, {'quick shapes' if args.quick else 'paper shapes'}; "
@@ -274,7 +274,11 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, busy: str) -> s
             f"| {_ms(row.get('loss_compile_ms', ''))} | {_ms(row.get('loss_cudagraphs_ms', ''))} |"
         )
     kinds = {row.get("memory_kind") for row in rows} - {None}
-    lines += ["", f"Peak memory: {', '.join(sorted(kinds))}."]
+    lines += [
+        "",
+        f"Peak memory: {', '.join(sorted(kinds))}. The `none` row is the student alone (no "
+        f"teacher forward, no distillation loss); `vs none` is what distillation adds.",
+    ]
     for row in rows:
         is_target = (row.get("task"), row.get("method")) == ("detection", "freekd-official")
         if is_target and "loss_share" in row:
