@@ -4,7 +4,6 @@ atomic checkpoints, run-folder protection, bf16, and a 2-process DDP run on CPU 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import signal
@@ -16,6 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from ddp_check import run_ddp_check
 from lightning.pytorch import Callback
 from torch import nn
 from torch.utils.data import Dataset
@@ -658,25 +658,13 @@ def test_a_plain_dataloader_trains_and_make_val_loader_refuses_to_shard_twice(tm
 def test_two_process_ddp_distillation_on_cpu_ends_with_identical_students(tmp_path):
     """Lightning's ``strategy="ddp"`` on CPU (gloo) with 2 processes, run by
     scripts/ddp_distill_check.py in a subprocess (the second process re-runs the script)."""
-    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK")}
-    completed = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "ddp_distill_check.py"), "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=environment,
-        cwd=tmp_path,
-    )
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
-    assert lines, f"no report; stderr:\n{completed.stderr[-3000:]}"
-    report = json.loads(lines[-1])
+    report, _ = run_ddp_check(tmp_path)
     assert report["world_size"] == 2 and report["ranks_reporting"] == [0, 1]
     assert report["student_equal"] and report["projections_equal"], report
     assert report["teacher_equal"] and report["teacher_grads_none"], report
     assert report["teacher_ignored_by_ddp"] and not report["teacher_requires_grad"], report
     assert report["student_trained"] and report["ranks_saw_different_data"], report
     assert report["global_step"] == 6 and report["ok"]
-    assert completed.returncode == 0, completed.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------- packaging
