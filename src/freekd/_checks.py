@@ -20,6 +20,19 @@ def check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+def check_channel_list(owner: str, channels: Sequence[int]) -> list[int]:
+    """``channels`` (one positive count per distilled layer) as a list of ints; a ``ValueError``
+    naming ``owner`` otherwise."""
+    if isinstance(channels, int) or not isinstance(channels, Sequence) or len(channels) == 0:
+        raise ValueError(
+            f"{owner}: channels must list the channel count of each distilled layer, e.g. "
+            f"[256, 256], got {channels!r}"
+        )
+    for index, count in enumerate(channels):
+        check_positive_int(f"channels[{index}]", count)
+    return [int(c) for c in channels]
+
+
 def check_feature_lists(
     loss: str,
     student_feats: Sequence[Tensor],

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_feature_lists, check_positive_int
+from .._checks import check_channel_list, check_feature_lists, check_positive_int
 from ..relation import RelationalGate
 from ..wavelets import dwt2, wavelet_filters
 from .freekd import _compute_dtype, _masked_band_l1
@@ -39,17 +39,6 @@ __all__ = [
     "FrequencyL1",
     "MaskedGenerativeDistillation",
 ]
-
-
-def _check_channels(loss: str, channels: Sequence[int]) -> list[int]:
-    if isinstance(channels, int) or not isinstance(channels, Sequence) or len(channels) == 0:
-        raise ValueError(
-            f"{loss}: channels must list the channel count of each distilled layer, e.g. "
-            f"[256, 256], got {channels!r}"
-        )
-    for index, count in enumerate(channels):
-        check_positive_int(f"channels[{index}]", count)
-    return [int(c) for c in channels]
 
 
 class _LayerwiseLoss(nn.Module):
@@ -118,7 +107,7 @@ class MaskedGenerativeDistillation(_LayerwiseLoss):
         self, channels: Sequence[int], alpha: float = 2e-5, mask_ratio: float = 0.65
     ) -> None:
         super().__init__()
-        self.channels = _check_channels("MaskedGenerativeDistillation", channels)
+        self.channels = check_channel_list("MaskedGenerativeDistillation", channels)
         if not 0 <= mask_ratio < 1:
             raise ValueError(f"MGD mask_ratio must be in [0, 1), got {mask_ratio!r}")
         if not alpha > 0:
@@ -168,10 +157,10 @@ class FrequencyL1(_LayerwiseLoss):
         if relational:
             if channels is None:
                 raise ValueError("FrequencyL1(relational=True) needs channels=[C_1, ...]")
-            self.channels = _check_channels("FrequencyL1", channels)
+            self.channels = check_channel_list("FrequencyL1", channels)
             self.gates = nn.ModuleList(RelationalGate(c) for c in self.channels)
         elif channels is not None:
-            self.channels = _check_channels("FrequencyL1", channels)
+            self.channels = check_channel_list("FrequencyL1", channels)
 
     def layer_loss(self, index: int, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
         omega = None

@@ -26,7 +26,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_feature_lists, check_positive_int
+from .._checks import (
+    check_channel_list,
+    check_choice,
+    check_feature_lists,
+    check_positive_int,
+)
 from ..prompts import DISSIMILARITIES, GRANULARITIES, FrequencyPrompt
 from ..relation import GATES, RelationalGate
 from ..wavelets import dwt2, wavelet_filters
@@ -135,13 +140,7 @@ class FreeKDLoss(nn.Module):
         gate: Literal["parameter-free", "mlp"] = "parameter-free",
     ) -> None:
         super().__init__()
-        if isinstance(channels, int) or not isinstance(channels, Sequence) or len(channels) == 0:
-            raise ValueError(
-                f"channels must list the channel count of each distilled layer, e.g. [256, 256], "
-                f"got {channels!r}"
-            )
-        for index, count in enumerate(channels):
-            check_positive_int(f"channels[{index}]", count)
+        channels = check_channel_list("FreeKDLoss", channels)
         check_positive_int("num_prompts (T)", num_prompts)
         check_positive_int("levels", levels)
         wavelet_filters(wavelet)
