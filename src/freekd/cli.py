@@ -253,6 +253,28 @@ def _report(result: Any) -> None:
     typer.echo(f"{result.name} finished in {result.seconds / 60:.1f} min: {result.directory}")
 
 
+def _run_training_job(
+    name: str,
+    config: Path,
+    sets: list[str] | None,
+    run_dir: Path | None,
+    device: str | None,
+    resume: bool,
+    resume_from: Path | None,
+    force: bool,
+) -> None:
+    """Run the training job ``freekd.pipeline.jobs.<name>`` on the loaded configuration."""
+
+    def job() -> None:
+        from .pipeline import jobs
+
+        cfg = _load(config, sets, run_dir, device)
+        run = getattr(jobs, name)
+        _report(run(cfg, resume=_resume(resume, resume_from), force=force))
+
+    _run(job)
+
+
 @app.command("train-teacher")
 def train_teacher_command(
     config: ConfigOption,
@@ -270,13 +292,7 @@ def train_teacher_command(
     needed when teacher.checkpoint points to trained weights.
     """
 
-    def job() -> None:
-        from .pipeline.jobs import train_teacher
-
-        cfg = _load(config, sets, run_dir, device)
-        _report(train_teacher(cfg, resume=_resume(resume, resume_from), force=force))
-
-    _run(job)
+    _run_training_job("train_teacher", config, sets, run_dir, device, resume, resume_from, force)
 
 
 @app.command("tune-prompts")
@@ -296,13 +312,7 @@ def tune_prompts_command(
     schedule from prompts.{steps, optimizer, schedule}. Writes run_dir/prompts/prompts.safetensors.
     """
 
-    def job() -> None:
-        from .pipeline.jobs import tune_prompts
-
-        cfg = _load(config, sets, run_dir, device)
-        _report(tune_prompts(cfg, resume=_resume(resume, resume_from), force=force))
-
-    _run(job)
+    _run_training_job("tune_prompts", config, sets, run_dir, device, resume, resume_from, force)
 
 
 @app.command("distill")
@@ -327,18 +337,14 @@ def distill_command(
 
     Objective: student task loss + distill.mu * FreeKD (+ distill.mse_weight * feature MSE +
     distill.head_weight * SmoothL1 on the box-regression heads, the official recipe's extra
-    terms). Uses student.{arch, backbone, args, train}. Writes run_dir/student_freekd/ with
-    checkpoints, logs and student.safetensors (the student alone).
+    terms), or with distill.method a baseline loss instead of FreeKD (mse, cwd, mgd, frequency:
+    no prompts needed). Uses student.{arch, backbone, args, train}. Writes
+    run_dir/student_freekd/ (student_<method>/ for a baseline) with checkpoints, logs and
+    student.safetensors (the student alone).
     """
 
-    def job() -> None:
-        from .pipeline.jobs import distill, train_baseline
-
-        cfg = _load(config, sets, run_dir, device)
-        run = train_baseline if baseline else distill
-        _report(run(cfg, resume=_resume(resume, resume_from), force=force))
-
-    _run(job)
+    name = "train_baseline" if baseline else "distill"
+    _run_training_job(name, config, sets, run_dir, device, resume, resume_from, force)
 
 
 def _severities(text: str) -> list[int]:
