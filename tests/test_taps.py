@@ -159,3 +159,51 @@ def test_bad_entries_and_outputs_are_explained():
         model.stem(x)
         with pytest.raises(TapError, match="did not fire"):
             taps.features  # noqa: B018
+
+
+class CoarseFirst(nn.Module):
+    """Computes ``coarse`` before ``fine`` (as an FPN's top-down pass does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.coarse = nn.Conv2d(2, 2, 1)
+        self.fine = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        coarse = self.coarse(x[..., ::2, ::2])
+        fine = self.fine(x) + nn.functional.interpolate(coarse, scale_factor=2.0)
+        return fine, coarse
+
+
+def test_replace_accepts_taps_listed_fine_to_coarse_when_they_fire_coarse_first():
+    torch.manual_seed(0)
+    model = CoarseFirst()
+    x = torch.randn(1, 2, 4, 4)
+    seen = []
+
+    def replace(index, feature):
+        seen.append((index, tuple(feature.shape)))
+        return feature * (index + 2.0)
+
+    with FeatureTaps(model, ["fine", "coarse"], replace=replace) as taps:
+        fine, coarse = model(x)
+        assert [f.shape[-1] for f in taps.features] == [4, 2]  # listed order
+    # the replacement saw each feature under its listed index, whatever the firing order
+    assert seen == [(1, (1, 2, 2, 2)), (0, (1, 2, 4, 4))]
+    expected_coarse = model.coarse(x[..., ::2, ::2]) * 3.0
+    torch.testing.assert_close(coarse, expected_coarse)
+    expected_fine = model.fine(x) * 2.0 + nn.functional.interpolate(
+        expected_coarse, scale_factor=2.0
+    )
+    torch.testing.assert_close(fine, expected_fine)
+
+
+def test_out_of_order_multi_feature_tap_is_refused_with_the_fix():
+    model = TinyPyramid()
+    # "stages.2" fires before "neck" although listed after it, and "neck" yields 3 features:
+    # the offset guessed for "stages.2" (1) was wrong, so the pass is refused with the fix.
+    with (
+        FeatureTaps(model, ["neck", "stages.2"], replace=lambda i, f: f),
+        pytest.raises(TapError, match="order the model computes them"),
+    ):
+        model(torch.randn(1, 3, 16, 16))

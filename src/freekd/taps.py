@@ -376,6 +376,8 @@ class FeatureTaps:
             self._by_module.setdefault(tap.module_name, []).append(index)
         self._stopping = False
         self._captured: dict[int, list[Tensor]] = {}
+        self._counts: dict[int, int] = {}  # features each tap gave when it last fired
+        self._assumed: dict[int, int] = {}  # counts assumed this pass for taps not yet fired
         self._original: dict[int, list[Tensor]] = {}
         self._handles = [
             modules[name].register_forward_hook(self._make_hook(name)) for name in self._by_module
@@ -467,6 +469,7 @@ class FeatureTaps:
                 if self.replace is None:
                     self._captured[index] = self._original[index]
                     continue
+                self._check_assumed_count(index, len(converted))
                 new_values = []
                 offset = self._flat_offset(index)
                 for key, feature, prefix in converted:
@@ -481,19 +484,39 @@ class FeatureTaps:
         return hook
 
     def _flat_offset(self, index: int) -> int:
-        """Flat position of tap ``index``'s first feature: needs the earlier taps to have fired."""
-        not_yet = [self.specs[i] for i in range(index) if i not in self._captured]
-        if not_yet:
+        """Flat position of tap ``index``'s first feature, whatever order the taps fire in.
+
+        A tap that has not fired yet in this pass counts with the number of features it gave in
+        an earlier pass, or 1 before it has ever fired (a plain tensor output, or one key);
+        :meth:`_check_assumed_count` refuses the pass if that guess turns out wrong.
+        """
+        offset = 0
+        for earlier in range(index):
+            if earlier in self._captured:
+                offset += len(self._captured[earlier])
+            else:
+                count = self._counts.get(earlier, 1)
+                self._assumed[earlier] = count
+                offset += count
+        return offset
+
+    def _check_assumed_count(self, index: int, count: int) -> None:
+        """Refuse a pass in which tap ``index`` gave ``count`` features after a later-listed tap
+        that fired first assumed another number."""
+        assumed = self._assumed.pop(index, None)
+        self._counts[index] = count
+        if assumed is not None and assumed != count:
             raise TapError(
-                f"tap {self.specs[index]!r} fired before {not_yet}: with replace=..., list the "
-                f"taps in the order the model computes them"
+                f"tap {self.specs[index]!r} yields {count} features and fired after later-listed "
+                f"taps: with replace=..., list the taps in the order the model computes them, or "
+                f"tap its features one by one ('path:key')"
             )
-        return sum(len(self._captured[i]) for i in range(index))
 
     def clear(self) -> None:
         """Forget the features of the last forward pass."""
         self._captured.clear()
         self._original.clear()
+        self._assumed.clear()
 
     def run(self, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """Call ``model(*args, **kwargs)`` after :meth:`clear`; returns its output, or ``None`` when
