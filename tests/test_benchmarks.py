@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -17,6 +18,7 @@ def _load(name: str):
     try:
         spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
         return module
     finally:
@@ -110,3 +112,77 @@ def test_step_speed_quick_rows(tmp_path):
     assert all("error" not in r and r["step_ms"] > 0 for r in rows)
     assert all(0 < r["loss_share"] < 1 for r in rows if r["method"] != "none")
     assert "| segmentation | freekd-paper |" in (tmp_path / "s.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def quality_v2():
+    return _load("quality_v2")
+
+
+def test_v2_splits_keep_test_digits_out_of_train_and_selection(quality_v2):
+    protocol = quality_v2.PRESETS["smoke"]
+    splits = quality_v2.build_splits(protocol)
+    used = {
+        name: {int(i) for k in range(len(s)) for i in s.scene(k).sample_ids}
+        for name, s in splits.items()
+    }
+    assert used["test"] and used["train"] and used["selection"]
+    assert not used["test"] & (used["train"] | used["selection"])
+    # selection scenes are new scenes of the train digit pool, not copies of training scenes
+    train, selection = splits["train"], splits["selection"]
+    assert train.split == selection.split == "train" and train.seed != selection.seed
+    assert not torch.equal(train[0][0], selection[0][0])
+
+
+def test_v2_plateau_rule_on_a_constructed_curve(quality_v2):
+    # gains per further 20% of steps: 100 -> 120: +4.0; 200 -> 240: +0.12; 300 -> 360: +0.18
+    curve = [[100, 10.0], [200, 30.0], [300, 30.3], [400, 30.6], [500, 30.7]]
+    rule = quality_v2.plateau_steps(curve)
+    assert rule["reached"] and rule["student_steps"] == 200
+    gains = dict(rule["gains"])
+    assert gains[100] == pytest.approx(4.0) and gains[200] == pytest.approx(0.12)
+    rising = [[100, 1.0], [200, 5.0], [300, 9.0], [400, 13.0]]  # +0.8, +1.6, +2.4 per 20%
+    rule = quality_v2.plateau_steps(rising)
+    assert not rule["reached"] and rule["student_steps"] == 400
+    assert [step for step, _ in rule["gains"]] == [100, 200, 300]
+    assert [g for _, g in rule["gains"]] == pytest.approx([0.8, 1.6, 2.4])
+
+
+def test_v2_paired_differences_and_verdicts(quality_v2):
+    runs = [
+        {"method": "mse", "seed": 0, "test": 10.0},
+        {"method": "mse", "seed": 1, "test": 12.0},
+        {"method": "a", "seed": 0, "test": 11.0},
+        {"method": "a", "seed": 1, "test": 12.5},
+        {"method": "b", "seed": 0, "test": 11.0},
+        {"method": "b", "seed": 1, "test": 11.0},
+    ]
+    assert quality_v2.paired(runs, "a", "mse") == [1.0, 0.5]
+    assert quality_v2.verdict([1.0, 0.5]) == "beats"
+    assert quality_v2.verdict(quality_v2.paired(runs, "b", "mse")) == "within noise"
+    assert quality_v2.verdict([-0.1, -2.0]) == "loses"
+
+
+def test_v2_smoke_run_writes_the_results_and_reuses_the_cache(quality_v2, tmp_path):
+    result = quality_v2.main(["--preset", "smoke", "--out", str(tmp_path)])
+    methods = result["methods"]
+    assert list(methods) == list(quality_v2.PRESETS["smoke"].methods)
+    for name, entry in methods.items():
+        assert len(entry["test"]) == 2 and all(0 <= v <= 100 for v in entry["test"])
+        if name != "none":
+            assert entry["mu0"] > 0 and len(entry["mu_sweep"]) == 2
+    assert set(result["paired"]["freekd-stable"]) == {"vs_mse", "vs_cwd"}
+    assert len(result["paired"]["freekd-stable"]["vs_mse"]) == 2
+    assert result["protocol"]["distilled_maps"] == [[16, 16], [8, 8], [4, 4]]
+    assert result["protocol"]["wavelet_levels"] == [3, 2, 1]
+    assert "stable-no-masks" in result["ablations"]
+    saved = json.loads((tmp_path / "quality_v2.json").read_text())
+    assert saved["methods"]["mse"]["test"] == methods["mse"]["test"]
+    assert "| freekd-stable |" in (tmp_path / "results.md").read_text()
+    # everything is cached: a second invocation trains nothing and reports the same
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.json")}
+    again = quality_v2.main(["--preset", "smoke", "--out", str(tmp_path)])
+    assert again["methods"] == methods
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*seed*.json")} == {
+        p: t for p, t in stamps.items() if "seed" in p.name
+    }
