@@ -6,10 +6,14 @@ import math
 
 import pytest
 import torch
-from naive_freekd import naive_channel_weight, naive_relational_weight
+from naive_freekd import (
+    naive_channel_weight,
+    naive_cosine_relational_weight,
+    naive_relational_weight,
+)
 
 from freekd import RelationalGate
-from freekd.relation import relational_weight
+from freekd.relation import effective_channels, relational_weight
 
 
 def feature(shape, seed, channels=6):
@@ -84,3 +88,73 @@ def test_saturated_softmax_never_zeroes_the_combined_weight():
     omega = RelationalGate(4)(teacher, student)
     assert torch.isfinite(omega).all()
     torch.testing.assert_close(omega.sum(1), torch.tensor([4.0]))
+
+
+# ---------------------------------------------------------------------- cosine kind, sources
+
+
+def test_cosine_hand_computed_case():
+    # psi(F) channels [1, 0] and [1, 0], F channels [1, 0] and [0, 1]: cosines [[1, 0], [1, 0]];
+    # at tau 1 each row of A is [e, 1] / (e + 1); omega is the column sum.
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64).view(1, 2, 1, 2)
+    nxt = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64).view(1, 2, 1, 2)
+    e = math.e
+    expected = torch.tensor([[2 * e / (e + 1), 2 / (e + 1)]], dtype=torch.float64)
+    torch.testing.assert_close(relational_weight(f, nxt, "cosine", temperature=1.0), expected)
+
+
+@pytest.mark.parametrize(
+    ("next_shape", "next_channels"),
+    [((7, 11), 6), ((13, 21), 6), ((7, 11), 4), (None, None)],
+    ids=["coarser-next", "same-grid-next", "other-channels", "no-next"],
+)
+def test_cosine_weight_equals_the_direct_formula(next_shape, next_channels):
+    f = feature((13, 21), seed=0)
+    nxt = None if next_shape is None else feature(next_shape, seed=1, channels=next_channels)
+    got = relational_weight(f, nxt, "cosine", temperature=0.1)
+    torch.testing.assert_close(got, naive_cosine_relational_weight(f, nxt, 0.1))
+    torch.testing.assert_close(got.mean(dim=1), torch.ones(2, dtype=torch.float64))
+
+
+def test_cosine_weight_ignores_magnitudes_and_stays_spread_on_large_maps():
+    generator = torch.Generator().manual_seed(0)
+    means = torch.randn(1, 64, 1, 1, dtype=torch.float64, generator=generator) * 0.5
+    large = means + torch.randn(1, 64, 32, 32, dtype=torch.float64, generator=generator)
+    noise = torch.randn(1, 64, 16, 16, dtype=torch.float64, generator=generator)
+    coarser = torch.nn.functional.avg_pool2d(large, 2) + 0.5 * noise
+    cosine = relational_weight(large, coarser, kind="cosine")
+    torch.testing.assert_close(relational_weight(large * 1e6, coarser, kind="cosine"), cosine)
+    raw = relational_weight(large, coarser)
+    assert effective_channels(cosine).item() > 4 * effective_channels(raw).item()
+
+
+@pytest.mark.parametrize("kind", ["raw", "cosine"])
+@pytest.mark.parametrize("source", ["product", "teacher"])
+def test_gate_kinds_and_sources_equal_the_direct_formula(kind, source):
+    teacher, student = feature((9, 10), 0), feature((9, 10), 1)
+    teacher_next, student_next = feature((5, 5), 2), feature((5, 5), 3)
+    gate = RelationalGate(6, kind=kind, temperature=0.3, source=source)
+    omega = gate(teacher, student, teacher_next, student_next)
+    expected = naive_channel_weight(teacher, student, teacher_next, student_next, kind, 0.3, source)
+    torch.testing.assert_close(omega, expected)
+    mlp = RelationalGate(6, "mlp", kind=kind, temperature=0.3, source=source).double()
+    torch.testing.assert_close(mlp(teacher, student, teacher_next, student_next), expected)
+
+
+def test_effective_channels_hand_cases():
+    uniform = torch.ones(2, 8)
+    torch.testing.assert_close(effective_channels(uniform), torch.tensor([8.0, 8.0]))
+    one_hot = torch.zeros(1, 8)
+    one_hot[0, 3] = 8.0
+    torch.testing.assert_close(effective_channels(one_hot), torch.tensor([1.0]))
+    two = torch.tensor([[2.0, 2.0, 0.0, 0.0]])  # (4)^2 / 8
+    torch.testing.assert_close(effective_channels(two), torch.tensor([2.0]))
+
+
+def test_bad_kind_source_or_temperature_is_refused():
+    with pytest.raises(ValueError, match="relational kind"):
+        RelationalGate(6, kind="dot")
+    with pytest.raises(ValueError, match="relation_source"):
+        RelationalGate(6, source="student")
+    with pytest.raises(ValueError, match="relation_temperature"):
+        RelationalGate(6, kind="cosine", temperature=-1.0)

@@ -6,7 +6,7 @@ The core (this package's top level) needs only PyTorch.
 from .losses import FreeKDLoss
 from .prompts import FrequencyPrompt
 from .relation import RelationalGate
-from .wavelets import DWT2d, IDWT2d, dwt2, idwt2
+from .wavelets import DWT2d, IDWT2d, auto_levels, dwt2, idwt2
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,7 @@ __all__ = [
     "IDWT2d",
     "RelationalGate",
     "__version__",
+    "auto_levels",
     "dwt2",
     "idwt2",
 ]

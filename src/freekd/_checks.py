@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from torch import Tensor
@@ -18,6 +19,24 @@ def check_positive_int(name: str, value: object) -> None:
     """Raise a ``ValueError`` unless ``value`` is an integer >= 1."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def check_nonnegative_int(name: str, value: object) -> None:
+    """Raise a ``ValueError`` unless ``value`` is an integer >= 0."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def check_positive_float(name: str, value: object) -> float:
+    """``value`` as a float; a ``ValueError`` naming ``name`` unless it is a finite number > 0."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def check_channel_list(owner: str, channels: Sequence[int]) -> list[int]:

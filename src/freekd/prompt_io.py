@@ -1,9 +1,11 @@
 """Save and load tuned prompts as safetensors, with the configuration that made them.
 
 The file holds one tensor per distilled layer, ``prompts.{i}.tokens: [G, T, C]``, and in its
-metadata the settings the tokens only make sense with: channels, ``T``, granularity, levels,
-wavelet (and, for information, the dissimilarity and the freekd version). Loading checks them
-against the loss the prompts go into and refuses a mismatch, naming both values. Writing is atomic
+metadata the settings the tokens only make sense with: channels, ``T``, granularity, levels (one
+integer, or one per layer when they differ), wavelet, mask logits (and, for information, the
+dissimilarity, the stage-1 re-synthesis when known, and the freekd version). Loading checks them
+against the loss the prompts go into and refuses a mismatch, naming both values. Files written
+before ``mask_logits`` existed load as ``"raw"`` (the only logits then). Writing is atomic
 (temporary file in the same folder, then rename), so an interrupted save never leaves a broken file.
 A safetensors file holds only tensors and strings: loading it never runs code.
 """
@@ -25,22 +27,33 @@ if TYPE_CHECKING:
 __all__ = ["load_prompts", "prompt_config", "save_prompts"]
 
 FORMAT = "freekd-prompts/1"
-_CHECKED = ("channels", "num_prompts", "granularity", "levels", "wavelet")
+_CHECKED = ("channels", "num_prompts", "granularity", "levels", "wavelet", "mask_logits")
+_DEFAULTS = {"mask_logits": "raw"}  # the value of a setting a file written before it lacks
 
 
 def prompt_config(loss: FreeKDLoss) -> dict[str, object]:
-    """The settings that prompt tokens depend on, as saved in the metadata."""
+    """The settings that prompt tokens depend on, as saved in the metadata (``levels``: an int
+    when every layer has the same, else one per layer)."""
     return {
         "channels": list(loss.channels),
         "num_prompts": loss.num_prompts,
         "granularity": loss.granularity,
         "levels": loss.levels,
         "wavelet": loss.wavelet,
+        "mask_logits": loss.mask_logits,
     }
 
 
-def save_prompts(loss: FreeKDLoss, path: str | os.PathLike) -> Path:
-    """Write ``loss``'s prompt tokens and configuration to ``path`` (atomically)."""
+def _comparable(key: str, value: object, layers: int) -> object:
+    """A saved or expected setting in one form for comparison: ``levels`` as one per layer."""
+    if key == "levels" and isinstance(value, int) and not isinstance(value, bool):
+        return [value] * layers
+    return value
+
+
+def save_prompts(loss: FreeKDLoss, path: str | os.PathLike, resynthesis: str | None = None) -> Path:
+    """Write ``loss``'s prompt tokens and configuration to ``path`` (atomically);
+    ``resynthesis`` (the stage-1 re-synthesis, when known) is recorded for information."""
     from . import __version__
 
     tensors = {
@@ -53,6 +66,8 @@ def save_prompts(loss: FreeKDLoss, path: str | os.PathLike) -> Path:
         tuned=json.dumps(all(bool(p.tuned) for p in loss.prompts)),
         freekd_version=__version__,
     )
+    if resynthesis is not None:
+        metadata["resynthesis"] = json.dumps(resynthesis)
     return save_safetensors(tensors, path, metadata)
 
 
@@ -91,14 +106,16 @@ def read_prompt_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 
 def load_prompts(loss: FreeKDLoss, path: str | os.PathLike) -> None:
     """Load the prompts saved at ``path`` into ``loss``, after checking that the file was made
-    for the same channels, ``T``, granularity, levels and wavelet. Marks them tuned when the file
-    says they were."""
+    for the same channels, ``T``, granularity, levels, wavelet and mask logits. Marks them tuned
+    when the file says they were."""
     tensors, config = read_prompt_file(path)
     expected = prompt_config(loss)
+    layers = len(loss.channels)
+    saved = {key: config.get(key, _DEFAULTS.get(key)) for key in _CHECKED}
     differences = [
-        f"{key}: file {config.get(key)!r}, loss {expected[key]!r}"
+        f"{key}: file {saved[key]!r}, loss {expected[key]!r}"
         for key in _CHECKED
-        if config.get(key) != expected[key]
+        if _comparable(key, saved[key], layers) != _comparable(key, expected[key], layers)
     ]
     if differences:
         raise ValueError(

@@ -9,12 +9,17 @@ group whose mask is computed from the sum of its three orientations and shared b
 granularity with ``J = 3``.
 
 A group's masks for teacher band pixels ``R: [N, C, h * w]`` are
-``sigmoid(P_g @ R): [N, T, h, w]``.
+``sigmoid(P_g @ R): [N, T, h, w]`` (``mask_logits="raw"``, the paper and the official code). Two
+options rescale the logits, which otherwise grow with ``C`` and the band magnitudes (see
+``docs/deviations.md``): ``"scaled"`` divides them by ``sqrt(C)``; ``"normalized"`` divides each
+pixel vector ``R[:, p]`` by its L2 norm over the channels first, so a logit is the token's
+component along the pixel's direction, bounded by ``|P_g|``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -22,17 +27,39 @@ from torch import Tensor, nn
 from ._checks import check_choice, check_positive_int
 from .wavelets import WaveletBands
 
-__all__ = ["GRANULARITIES", "DISSIMILARITIES", "FrequencyPrompt", "PromptMasks", "mask_overlap"]
+__all__ = [
+    "DISSIMILARITIES",
+    "GRANULARITIES",
+    "MASK_LOGITS",
+    "RESYNTHESES",
+    "FrequencyPrompt",
+    "PromptMasks",
+    "mask_overlap",
+]
 
 Granularity = Literal["level", "band"]
 Dissimilarity = Literal["jaccard", "dice"]
+MaskLogits = Literal["raw", "scaled", "normalized"]
+Resynthesis = Literal["sum", "centered"]
 GRANULARITIES: tuple[str, ...] = ("level", "band")
 DISSIMILARITIES: tuple[str, ...] = ("jaccard", "dice")
+MASK_LOGITS: tuple[str, ...] = get_args(MaskLogits)
+RESYNTHESES: tuple[str, ...] = get_args(Resynthesis)
 
 PromptMasks = tuple[Tensor | None, list[Tensor]]
 """``(low_masks: [N, T, 1, h_J, w_J] or None, high_masks[j - 1]: [N, T, k, h_j, w_j])``."""
 
 _EPS = 1e-12  # the official code's guard in the Dice denominator
+_NORM_EPS = 1e-12  # guard of a pixel vector's norm (mask_logits="normalized")
+
+
+def _unit_pixels(band: Tensor) -> Tensor:
+    """Each pixel vector of ``band: [N, C, ...]`` (over the channels, dim 1) divided by its L2
+    norm, clamped at ``1e-12`` (an all-zero pixel stays zero). Same shape as ``band``.
+
+    Equivalently the band RMS-normalised over the channels and divided by ``sqrt(C)``.
+    """
+    return band / torch.linalg.vector_norm(band, dim=1, keepdim=True).clamp_min(_NORM_EPS)
 
 
 def mask_overlap(masks: Tensor, kind: Dissimilarity = "jaccard") -> Tensor:
@@ -72,6 +99,11 @@ class FrequencyPrompt(nn.Module):
         num_prompts: ``T``, tokens per group.
         levels: ``J``, wavelet levels.
         granularity: ``"level"`` (one group per level, official) or ``"band"`` (one per band).
+        mask_logits: how a mask's logits are formed from a token ``P: [C]`` and a pixel vector
+            ``r: [C]`` of the band: ``"raw"`` ``<P, r>`` (paper, official); ``"scaled"``
+            ``<P, r> / sqrt(C)``; ``"normalized"`` ``<P, r / max(|r|, 1e-12)>`` (equivalently
+            ``r`` RMS-normalised over the channels, the product divided by ``sqrt(C)``), which
+            does not depend on the band's magnitude. Used alike in stage 1 and stage 2.
     """
 
     def __init__(
@@ -80,14 +112,16 @@ class FrequencyPrompt(nn.Module):
         num_prompts: int = 2,
         levels: int = 3,
         granularity: Granularity = "band",
+        mask_logits: MaskLogits = "raw",
     ) -> None:
         super().__init__()
         check_positive_int("channels", channels)
         check_positive_int("num_prompts (T)", num_prompts)
         check_positive_int("levels", levels)
         check_choice("granularity", granularity, GRANULARITIES)
+        check_choice("mask_logits", mask_logits, MASK_LOGITS)
         self.channels, self.num_prompts, self.levels = channels, num_prompts, levels
-        self.granularity = granularity
+        self.granularity, self.mask_logits = granularity, mask_logits
         self.groups_per_level = 1 if granularity == "level" else 3
         groups = 1 + levels * self.groups_per_level
         self.tokens = nn.Parameter(torch.randn(groups, num_prompts, channels) * 0.01)
@@ -127,28 +161,56 @@ class FrequencyPrompt(nn.Module):
         tokens = self.tokens.to(low.dtype)
         low_masks = None
         if include_low:
-            low_masks = torch.einsum("tc,nchw->nthw", tokens[0], low).sigmoid().unsqueeze(2)
+            logits = torch.einsum("tc,nchw->nthw", tokens[0], self._logit_input(low))
+            low_masks = self._scale_logits(logits).sigmoid().unsqueeze(2)
         high_masks = []
         for level, detail in enumerate(highs, start=1):
             if self.granularity == "level":
                 detail = detail.sum(dim=2, keepdim=True)  # [N, C, 1, h, w]
             logits = torch.einsum(
-                "ktc,nckhw->ntkhw", self.level_tokens(level).to(low.dtype), detail
+                "ktc,nckhw->ntkhw",
+                self.level_tokens(level).to(low.dtype),
+                self._logit_input(detail),
             )
-            high_masks.append(logits.sigmoid())
+            high_masks.append(self._scale_logits(logits).sigmoid())
         return low_masks, high_masks
 
-    def mask_bands(self, bands: WaveletBands, masks: PromptMasks | None = None) -> WaveletBands:
-        """Bands multiplied by the sum of their ``T`` masks (stage-1 re-synthesis input).
+    def _logit_input(self, band: Tensor) -> Tensor:
+        """The band pixels the tokens are multiplied with: ``band: [N, C, ...]`` itself, or with
+        unit pixel vectors for ``mask_logits="normalized"``."""
+        return _unit_pixels(band) if self.mask_logits == "normalized" else band
 
-        Same structure and shapes as ``bands``; the masks are computed from ``bands`` unless given.
+    def _scale_logits(self, logits: Tensor) -> Tensor:
+        """``logits`` divided by ``sqrt(C)`` for ``mask_logits="scaled"``, else unchanged."""
+        return logits / math.sqrt(self.channels) if self.mask_logits == "scaled" else logits
+
+    def mask_bands(
+        self,
+        bands: WaveletBands,
+        masks: PromptMasks | None = None,
+        resynthesis: Resynthesis = "sum",
+    ) -> WaveletBands:
+        """Bands multiplied by their ``T`` masks (stage-1 re-synthesis input).
+
+        ``resynthesis="sum"`` (DESIGN, default): ``band * sum_t M_t``; ``"centered"``:
+        ``band * 2 * mean_t M_t``, which is 1 where the logits are 0, so near-zero tokens (as
+        initialised) leave the bands, and the re-synthesised feature, nearly unchanged. Same
+        structure and shapes as ``bands``; the masks are computed from ``bands`` unless given.
         """
+        check_choice("resynthesis", resynthesis, RESYNTHESES)
         low, highs = bands
         low_masks, high_masks = self.masks(bands) if masks is None else masks
         if low_masks is None:
             raise ValueError(
                 "mask_bands needs masks of the low band: compute them with include_low"
             )
+        if resynthesis == "centered":
+            masked_low = low * (2 * low_masks.mean(dim=1))
+            masked_highs = [
+                detail * (2 * mask.mean(dim=1, keepdim=True))
+                for detail, mask in zip(highs, high_masks, strict=True)
+            ]
+            return masked_low, masked_highs
         masked_low = low * low_masks.sum(dim=1)  # [N, C, h, w] * [N, 1, h, w]
         masked_highs = [
             detail * mask.sum(dim=1, keepdim=True)  # [N, C, 3, h, w] * [N, 1, k, h, w]
@@ -171,5 +233,5 @@ class FrequencyPrompt(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, num_prompts={self.num_prompts}, levels={self.levels}, "
-            f"granularity={self.granularity!r}"
+            f"granularity={self.granularity!r}, mask_logits={self.mask_logits!r}"
         )

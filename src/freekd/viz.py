@@ -129,7 +129,7 @@ def render_prompt_masks(
             f"{len(loss.prompts)}"
         )
     layer_masks = [
-        prompt.masks(dwt2(feature.float(), loss.levels, loss.wavelet), include_low=True)
+        prompt.masks(dwt2(feature.float(), prompt.levels, loss.wavelet), include_low=True)
         for prompt, feature in zip(loss.prompts, features, strict=True)
     ]
     return save_image(prompt_mask_grid(image, layer_masks), path)

@@ -26,7 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DWT2d", "IDWT2d", "WaveletBands", "band_sizes", "dwt2", "idwt2", "wavelet_filters"]
+from ._checks import check_positive_int
+
+__all__ = [
+    "DWT2d",
+    "IDWT2d",
+    "WaveletBands",
+    "auto_levels",
+    "band_sizes",
+    "dwt2",
+    "idwt2",
+    "wavelet_filters",
+]
 
 WaveletBands = tuple[Tensor, list[Tensor]]
 """``(low: [N, C, H_J, W_J], highs: list of [N, C, 3, h_j, w_j], finest first)``."""
@@ -116,6 +127,42 @@ def band_sizes(size: tuple[int, int], levels: int, wavelet: str = "haar") -> lis
         h, w = (h + length - 1) // 2, (w + length - 1) // 2
         sizes.append((h, w))
     return sizes
+
+
+def auto_levels(
+    sizes: Sequence[tuple[int, int]],
+    min_band: int = 2,
+    max_levels: int = 3,
+    wavelet: str = "haar",
+) -> list[int]:
+    """Wavelet levels per distilled layer from the layers' map sizes ``(H_i, W_i)``.
+
+    For each layer, the largest ``J <= max_levels`` whose coarsest band (:func:`band_sizes`;
+    ``ceil(n / 2)`` per level for Haar) is at least ``min_band`` on both sides; at least 1.
+    E.g. with the defaults, 32x32 -> 3 (16, 8, 4), 8x8 -> 2 (4, 2), 4x4 -> 1. Pass the result as
+    ``FreeKDLoss(levels=...)``: the loss builds its prompts at construction, so it needs the
+    levels then, and this helper needs the sizes (from one forward pass of the teacher).
+    """
+    check_positive_int("min_band", min_band)
+    check_positive_int("max_levels", max_levels)
+    levels = []
+    for index, size in enumerate(sizes):
+        height, width = _check_size(index, size)
+        bands = band_sizes((height, width), max_levels, wavelet)
+        fitting = [j for j, (h, w) in enumerate(bands, start=1) if min(h, w) >= min_band]
+        levels.append(max(fitting, default=1))
+    return levels
+
+
+def _check_size(index: int, size: object) -> tuple[int, int]:
+    """``size`` as ``(H, W)``, two positive ints; a ``ValueError`` naming ``sizes[index]``."""
+    if (
+        not isinstance(size, Sequence)
+        or len(size) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in size)
+    ):
+        raise ValueError(f"sizes[{index}] must be (H, W), two integers >= 1, got {size!r}")
+    return int(size[0]), int(size[1])
 
 
 # --------------------------------------------------------------------------------------------

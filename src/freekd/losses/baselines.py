@@ -27,10 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_channel_list, check_feature_lists, check_positive_int
-from ..relation import RelationalGate
+from .._checks import (
+    check_channel_list,
+    check_choice,
+    check_feature_lists,
+    check_positive_float,
+    check_positive_int,
+)
+from ..relation import RELATION_SOURCES, RelationalGate, RelationSource
 from ..wavelets import dwt2, wavelet_filters
-from .freekd import _compute_dtype, _masked_band_l1
+from .freekd import Relational, _compute_dtype, _masked_band_l1, _relational_setting
 
 __all__ = [
     "BASELINES",
@@ -137,7 +143,9 @@ class FrequencyL1(_LayerwiseLoss):
     over every position: FreeKD's reduction with every mask 1.
 
     ``include_low`` (default on) adds the low band; ``relational`` weights channels with
-    FreeKD's position-aware term ``omega`` (needs ``channels``); off, ``omega`` = 1.
+    FreeKD's position-aware term ``omega`` (needs ``channels``; ``True`` / ``"raw"``,
+    ``"cosine"`` with ``relation_temperature``, ``relation_source``: as in
+    :class:`~freekd.losses.FreeKDLoss`); off (``False`` / ``"off"``), ``omega`` = 1.
     """
 
     def __init__(
@@ -146,19 +154,30 @@ class FrequencyL1(_LayerwiseLoss):
         levels: int = 3,
         wavelet: str = "haar",
         include_low: bool = True,
-        relational: bool = False,
+        relational: bool | Relational = False,
+        relation_temperature: float = 0.1,
+        relation_source: RelationSource = "product",
     ) -> None:
         super().__init__()
         check_positive_int("levels", levels)
         wavelet_filters(wavelet)
+        relational_kind = _relational_setting(relational)
+        temperature = check_positive_float("relation_temperature", relation_temperature)
+        check_choice("relation_source", relation_source, RELATION_SOURCES)
         self.levels, self.wavelet = levels, wavelet
-        self.include_low, self.relational = bool(include_low), bool(relational)
+        self.include_low, self.relational = bool(include_low), relational_kind != "off"
+        self.relational_kind = relational_kind
         self.gates = None
-        if relational:
+        if self.relational:
             if channels is None:
                 raise ValueError("FrequencyL1(relational=True) needs channels=[C_1, ...]")
             self.channels = check_channel_list("FrequencyL1", channels)
-            self.gates = nn.ModuleList(RelationalGate(c) for c in self.channels)
+            self.gates = nn.ModuleList(
+                RelationalGate(
+                    c, kind=relational_kind, temperature=temperature, source=relation_source
+                )
+                for c in self.channels
+            )
         elif channels is not None:
             self.channels = check_channel_list("FrequencyL1", channels)
 
@@ -185,7 +204,7 @@ class FrequencyL1(_LayerwiseLoss):
     def extra_repr(self) -> str:
         return (
             f"levels={self.levels}, wavelet={self.wavelet!r}, include_low={self.include_low}, "
-            f"relational={self.relational}"
+            f"relational={self.relational_kind!r}"
         )
 
 

@@ -12,6 +12,13 @@ their mean over the ``T`` tokens:
 
 ``omega: [N, C]`` is the relational channel weight (1 when ``relational=False``). Because the masks
 are positive, this equals the official "mean over T masked copies" without materialising them.
+
+Options beyond the paper and the official code (defaults reproduce them; every one is listed in
+``docs/deviations.md``): ``mask_logits`` (the prompts' logit scale), ``relational="cosine"`` with
+``relation_temperature`` and ``relation_source``, ``levels`` per layer (see
+:func:`freekd.wavelets.auto_levels`), ``band_weighting="coefficient"``, and FreeKD+'s
+``decoupled`` low-band L2 and ``student_masks``. The presets ``"paper"`` and ``"official"`` use
+none of them.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -30,13 +37,20 @@ from .._checks import (
     check_channel_list,
     check_choice,
     check_feature_lists,
+    check_nonnegative_int,
+    check_positive_float,
     check_positive_int,
 )
-from ..prompts import DISSIMILARITIES, GRANULARITIES, FrequencyPrompt
-from ..relation import GATES, RelationalGate
-from ..wavelets import dwt2, wavelet_filters
+from ..prompts import DISSIMILARITIES, GRANULARITIES, MASK_LOGITS, FrequencyPrompt, MaskLogits
+from ..relation import GATES, RELATION_SOURCES, RelationalGate, RelationSource
+from ..wavelets import WaveletBands, dwt2, wavelet_filters
 
-__all__ = ["PRESETS", "FreeKDLoss"]
+__all__ = ["BAND_WEIGHTINGS", "PRESETS", "RELATIONAL_SETTINGS", "FreeKDLoss"]
+
+Relational = Literal["off", "raw", "cosine"]
+BandWeighting = Literal["band", "coefficient"]
+RELATIONAL_SETTINGS: tuple[str, ...] = get_args(Relational)
+BAND_WEIGHTINGS: tuple[str, ...] = get_args(BandWeighting)
 
 logger = logging.getLogger("freekd")
 
@@ -56,6 +70,18 @@ PRESETS: dict[str, dict[str, object]] = {
         dissimilarity="dice",
         relational=False,
         include_low=False,
+    ),
+    # Provisional: to be set from the quality benchmark (docs/results.md, quality benchmark v2).
+    "recommended": dict(
+        num_prompts=2,
+        granularity="band",
+        dissimilarity="jaccard",
+        mask_logits="normalized",
+        relational="cosine",
+        relation_temperature=0.1,
+        relation_source="product",
+        include_low=False,
+        band_weighting="band",
     ),
 }
 
@@ -95,12 +121,55 @@ def _compute_dtype(*feature_lists: Sequence[Tensor]) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _masked_band_l1(teacher: Tensor, student: Tensor, mask_mean: Tensor, omega: Tensor | None):
-    """``mean over [N, C, *band] of omega * mask_mean * |teacher - student|`` (scalar)."""
+def _masked_band_sum(teacher: Tensor, student: Tensor, mask_mean: Tensor, omega: Tensor | None):
+    """``sum over [N, C, *band] of omega * mask_mean * |teacher - student|`` (scalar)."""
     per_channel = _MaskedBandL1.apply(teacher, student, mask_mean)
     if omega is not None:
         per_channel = per_channel * omega
+    return per_channel.sum()
+
+
+def _masked_band_l1(teacher: Tensor, student: Tensor, mask_mean: Tensor, omega: Tensor | None):
+    """``mean over [N, C, *band] of omega * mask_mean * |teacher - student|`` (scalar)."""
+    return _masked_band_sum(teacher, student, mask_mean, omega) / teacher.numel()
+
+
+def _band_l2(teacher: Tensor, student: Tensor, omega: Tensor | None) -> Tensor:
+    """``mean over [N, C, h, w] of omega * (teacher - student)^2`` (scalar): FreeKD+'s low-band
+    term. ``teacher, student: [N, C, h, w]``, ``omega: [N, C]`` or ``None`` (1)."""
+    per_channel = (teacher - student).square().flatten(2).sum(dim=2)
+    if omega is not None:
+        per_channel = per_channel * omega
     return per_channel.sum() / teacher.numel()
+
+
+def _relational_setting(relational: object) -> str:
+    """``relational`` as one of :data:`RELATIONAL_SETTINGS` (``True`` is ``"raw"``, ``False``
+    ``"off"``); a ``ValueError`` naming the setting otherwise."""
+    if isinstance(relational, bool):
+        return "raw" if relational else "off"
+    check_choice("relational (or True / False)", relational, RELATIONAL_SETTINGS)
+    return str(relational)
+
+
+def _layer_levels(levels: object, count: int) -> list[int]:
+    """``levels`` (one int for every layer, or one per layer) as a list of ``count`` ints."""
+    if isinstance(levels, int) and not isinstance(levels, bool):
+        check_positive_int("levels", levels)
+        return [levels] * count
+    if isinstance(levels, str) or not isinstance(levels, Sequence):
+        raise ValueError(
+            f"levels must be an integer >= 1 or a list of one per layer, got {levels!r} (for "
+            f"levels from the map sizes, pass freekd.wavelets.auto_levels(sizes))"
+        )
+    if len(levels) != count:
+        raise ValueError(
+            f"levels lists {len(levels)} values, the loss distils {count} layers: give one "
+            f"per layer, or a single integer for all"
+        )
+    for index, value in enumerate(levels):
+        check_positive_int(f"levels[{index}]", value)
+    return [int(value) for value in levels]
 
 
 class FreeKDLoss(nn.Module):
@@ -114,14 +183,40 @@ class FreeKDLoss(nn.Module):
     Args:
         channels: channel count ``C_i`` of each distilled layer.
         num_prompts: ``T``, prompt tokens per group.
-        levels: ``J``, wavelet levels.
+        levels: ``J``, wavelet levels: one integer for every layer, or one per layer (e.g. from
+            :func:`freekd.wavelets.auto_levels`, which picks them from the map sizes).
         wavelet: an orthogonal wavelet name (``"haar"``, ``"db2"``, ...).
         granularity: ``"band"`` (paper) or ``"level"`` (official code).
         dissimilarity: ``"jaccard"`` (paper) or ``"dice"`` (official); used by prompt tuning.
-        relational: weight channels by the position-aware relational term.
+        relational: the position-aware relational channel weight: ``True`` / ``"raw"`` (the
+            paper's ``softmax(psi(F) F^T / sqrt(hw))``), ``False`` / ``"off"``, or ``"cosine"``
+            (``softmax(cos(psi(F)_c, F_c') / relation_temperature)``, whose sharpness does not
+            grow with the map size). See :mod:`freekd.relation`.
         include_low: also distil the low band (the official code drops it).
         loss_weight: multiplies the total (for parity with official configs).
         gate: ``"parameter-free"`` or ``"mlp"`` relational gate.
+        mask_logits: the prompts' logit scale, ``"raw"`` (paper, official), ``"scaled"``
+            (``/ sqrt(C)``) or ``"normalized"`` (unit pixel vectors); see
+            :class:`~freekd.prompts.FrequencyPrompt`.
+        relation_temperature: ``tau`` of ``relational="cosine"``.
+        relation_source: ``"product"`` (default): ``normalise(omega_t * omega_s)``;
+            ``"teacher"``: the teacher's weight alone.
+        band_weighting: ``"band"`` (default): the sum over the distilled bands of each band's
+            mean of ``omega * Mbar * |D|`` (every band weighs the same); ``"coefficient"``: the
+            sum over the distilled bands of ``omega * Mbar * |D|`` divided by the number of
+            distilled coefficients of the layer (``N * C * sum of band sizes``, 3 orientations
+            per level), so every coefficient weighs the same and coarse levels weigh less.
+        decoupled: FreeKD+'s frequency-decoupled loss: the low band is always distilled, with
+            ``mean over [N, C, h_J, w_J] of omega * D_low^2`` (unmasked L2), the detail bands
+            keep the masked L1. The L2 term is its own mean under either ``band_weighting``.
+        student_masks: FreeKD+'s student-refined masks: the mask mean used in the loss is
+            ``Mbar_t * Mbar_s``, ``Mbar_s`` the mean over ``T`` of the masks the same prompts
+            give on the projected student's bands (under ``no_grad``).
+        student_mask_warmup: with ``student_masks``, the first ``student_mask_warmup`` calls in
+            training mode use the teacher's masks alone. The calls made in training mode are
+            counted in the buffer ``student_mask_calls`` (saved in the state dict, so a resumed
+            run continues the count; eval-mode calls are not counted and refine once the count
+            has reached the warm-up).
 
     After each call, ``last_terms`` maps ``"layer{i}"`` to that layer's (weighted, detached) term.
     """
@@ -130,23 +225,37 @@ class FreeKDLoss(nn.Module):
         self,
         channels: Sequence[int],
         num_prompts: int = 2,
-        levels: int = 3,
+        levels: int | Sequence[int] = 3,
         wavelet: str = "haar",
         granularity: Literal["level", "band"] = "band",
         dissimilarity: Literal["jaccard", "dice"] = "jaccard",
-        relational: bool = True,
+        relational: bool | Relational = True,
         include_low: bool = False,
         loss_weight: float = 1.0,
         gate: Literal["parameter-free", "mlp"] = "parameter-free",
+        *,
+        mask_logits: MaskLogits = "raw",
+        relation_temperature: float = 0.1,
+        relation_source: RelationSource = "product",
+        band_weighting: BandWeighting = "band",
+        decoupled: bool = False,
+        student_masks: bool = False,
+        student_mask_warmup: int = 0,
     ) -> None:
         super().__init__()
         channels = check_channel_list("FreeKDLoss", channels)
         check_positive_int("num_prompts (T)", num_prompts)
-        check_positive_int("levels", levels)
+        layer_levels = _layer_levels(levels, len(channels))
         wavelet_filters(wavelet)
         check_choice("granularity", granularity, GRANULARITIES)
         check_choice("dissimilarity", dissimilarity, DISSIMILARITIES)
         check_choice("gate", gate, GATES)
+        check_choice("mask_logits", mask_logits, MASK_LOGITS)
+        relational_kind = _relational_setting(relational)
+        temperature = check_positive_float("relation_temperature", relation_temperature)
+        check_choice("relation_source", relation_source, RELATION_SOURCES)
+        check_choice("band_weighting", band_weighting, BAND_WEIGHTINGS)
+        check_nonnegative_int("student_mask_warmup", student_mask_warmup)
         if (
             isinstance(loss_weight, bool)
             or not isinstance(loss_weight, int | float)
@@ -154,27 +263,63 @@ class FreeKDLoss(nn.Module):
         ):
             raise ValueError(f"loss_weight must be a finite number, got {loss_weight!r}")
         self.channels = [int(c) for c in channels]
-        self.num_prompts, self.levels, self.wavelet = num_prompts, levels, wavelet
+        self.layer_levels = layer_levels
+        self.levels: int | list[int] = (
+            layer_levels[0] if len(set(layer_levels)) == 1 else list(layer_levels)
+        )
+        self.num_prompts, self.wavelet = num_prompts, wavelet
         self.granularity, self.dissimilarity = granularity, dissimilarity
-        self.relational, self.include_low = bool(relational), bool(include_low)
+        self.relational_kind = relational_kind
+        self.relational, self.include_low = relational_kind != "off", bool(include_low)
         self.loss_weight, self.gate = float(loss_weight), gate
+        self.mask_logits = mask_logits
+        self.relation_temperature, self.relation_source = temperature, relation_source
+        self.band_weighting, self.decoupled = band_weighting, bool(decoupled)
+        self.student_masks, self.student_mask_warmup = bool(student_masks), student_mask_warmup
         self.prompts = nn.ModuleList(
-            FrequencyPrompt(c, num_prompts, levels, granularity) for c in self.channels
+            FrequencyPrompt(c, num_prompts, lv, granularity, mask_logits)
+            for c, lv in zip(self.channels, layer_levels, strict=True)
         )
         self.prompts.requires_grad_(False)
         self.gates = (
-            nn.ModuleList(RelationalGate(c, gate) for c in self.channels) if relational else None
+            nn.ModuleList(
+                RelationalGate(
+                    c,
+                    gate,
+                    kind=relational_kind,
+                    temperature=temperature,
+                    source=relation_source,
+                )
+                for c in self.channels
+            )
+            if self.relational
+            else None
         )
+        if self.student_masks:
+            self.register_buffer("student_mask_calls", torch.zeros((), dtype=torch.long))
         self.last_terms: dict[str, Tensor] = {}
         self._untuned_checked = False
 
     # ------------------------------------------------------------------ construction helpers
 
     @classmethod
-    def preset(cls, name: Literal["paper", "official"], channels: Sequence[int], **overrides):
-        """``"paper"``: T=2, Jaccard, band granularity, relational on. ``"official"``: T=6, Dice,
-        level granularity, relational off, no low band. Keyword arguments override a setting."""
-        check_choice("preset", name, tuple(PRESETS))
+    def presets(cls) -> tuple[str, ...]:
+        """The names :meth:`preset` accepts (the keys of :data:`PRESETS`)."""
+        return tuple(PRESETS)
+
+    @classmethod
+    def preset(cls, name: str, channels: Sequence[int], **overrides) -> FreeKDLoss:
+        """A registered configuration (:data:`PRESETS`); keyword arguments override a setting.
+
+        - ``"paper"``: T=2, Jaccard, band granularity, relational on (the paper's formulas).
+        - ``"official"``: T=6, Dice, level granularity, relational off, no low band (the
+          official release's loss).
+        - ``"recommended"``: the configuration chosen on the quality benchmark (docs/results.md,
+          quality benchmark v2). Provisional until that benchmark sets it: T=2, band
+          granularity, Jaccard, ``mask_logits="normalized"``, ``relational="cosine"`` (tau 0.1,
+          source ``"product"``), no low band, ``band_weighting="band"``.
+        """
+        check_choice("preset", name, cls.presets())
         return cls(channels, **{**PRESETS[name], **overrides})
 
     @classmethod
@@ -194,9 +339,9 @@ class FreeKDLoss(nn.Module):
         Reads the keys ending in ``mask_modules.{i}.mask_token``, each ``[4, T, C]``: the low band,
         then levels 1-3 finest first. An optional ``state_dict`` wrapper and any key prefix are
         accepted, other keys ignored. Refuses a different layer count, ``T`` or channel count,
-        naming both. Needs ``granularity="level"`` and ``levels=3``.
+        naming both. Needs ``granularity="level"`` and ``levels=3`` on every layer.
         """
-        if self.granularity != "level" or self.levels != 3:
+        if self.granularity != "level" or any(levels != 3 for levels in self.layer_levels):
             raise ValueError(
                 f"official prompts are one group per level over 3 levels; this loss has "
                 f"granularity={self.granularity!r}, levels={self.levels}: build it with "
@@ -231,11 +376,12 @@ class FreeKDLoss(nn.Module):
                 prompt.mark_tuned()
         self.reset_tuned_check()
 
-    def save_prompts(self, path) -> Path:
-        """Save the prompts as safetensors with their configuration (see ``freekd.prompt_io``)."""
+    def save_prompts(self, path, resynthesis: str | None = None) -> Path:
+        """Save the prompts as safetensors with their configuration (see ``freekd.prompt_io``);
+        ``resynthesis``: the stage-1 re-synthesis they were tuned with, recorded when given."""
         from ..prompt_io import save_prompts
 
-        return save_prompts(self, path)
+        return save_prompts(self, path, resynthesis=resynthesis)
 
     def load_prompts(self, path) -> None:
         """Load prompts saved by :meth:`save_prompts`, refusing another configuration."""
@@ -255,45 +401,104 @@ class FreeKDLoss(nn.Module):
         over layers, computed in float32 (float64 for float64 input), also under autocast."""
         self._check_features(student_feats, teacher_feats)
         self._warn_if_untuned()
+        refine = self._refine_masks_now()
         device_type = teacher_feats[0].device.type
         dtype = _compute_dtype(student_feats, teacher_feats)
         with torch.autocast(device_type=device_type, enabled=False):
             teacher = [t.detach().to(dtype) for t in teacher_feats]
             student = [s.to(dtype) for s in student_feats]
-            terms = [self.layer_loss(i, student, teacher) for i in range(len(teacher))]
+            terms = [
+                self.layer_loss(i, student, teacher, refine_masks=refine)
+                for i in range(len(teacher))
+            ]
         total = torch.stack(terms).sum() * self.loss_weight
         self.last_terms = {f"layer{i}": t.detach() * self.loss_weight for i, t in enumerate(terms)}
         return total
 
+    def _refine_masks_now(self) -> bool:
+        """Whether this call uses student-refined masks; counts the call in training mode."""
+        if not self.student_masks:
+            return False
+        refine = int(self.student_mask_calls) >= self.student_mask_warmup
+        if self.training:
+            self.student_mask_calls += 1
+        return refine
+
     def layer_loss(
-        self, index: int, student: Sequence[Tensor], teacher: Sequence[Tensor]
+        self,
+        index: int,
+        student: Sequence[Tensor],
+        teacher: Sequence[Tensor],
+        refine_masks: bool = False,
     ) -> Tensor:
         """Unweighted term of layer ``index``; ``student`` and ``teacher`` list the (upcast)
-        features of all layers, since the relational term reads the next layer."""
+        features of all layers, since the relational term reads the next layer.
+        ``refine_masks``: multiply the teacher's mask mean by the student's (``student_masks``)."""
         teacher_feat, student_feat = teacher[index], student[index]
+        levels, prompt = self.layer_levels[index], self.prompts[index]
+        masked_low = self.include_low and not self.decoupled
         with torch.no_grad():
-            teacher_bands = dwt2(teacher_feat, self.levels, self.wavelet)
-            low_masks, high_masks = self.prompts[index].masks(teacher_bands, self.include_low)
-        omega = None
-        if self.gates is not None:
-            has_next = index + 1 < len(teacher)
-            omega = self.gates[index](
-                teacher_feat,
-                student_feat.detach(),
-                teacher[index + 1] if has_next else None,
-                student[index + 1].detach() if has_next else None,
-            )
+            teacher_bands = dwt2(teacher_feat, levels, self.wavelet)
+            low_masks, high_masks = prompt.masks(teacher_bands, masked_low)
+        omega = self._channel_weight(index, student, teacher)
         # Teacher bands serve both the masks and the difference: dwt2 is linear, so
         # dwt2(F_t) - dwt2(F_s) == dwt2(F_t - F_s), and no full-size difference map is made.
-        student_low, student_highs = dwt2(student_feat, self.levels, self.wavelet)
+        student_bands = dwt2(student_feat, levels, self.wavelet)
+        student_low, student_highs = student_bands
         teacher_low, teacher_highs = teacher_bands
-        terms = [
-            _masked_band_l1(t, s, masks.mean(dim=1, keepdim=True), omega)
-            for t, s, masks in zip(teacher_highs, student_highs, high_masks, strict=True)
-        ]
-        if low_masks is not None:
-            terms.append(_masked_band_l1(teacher_low, student_low, low_masks.mean(dim=1), omega))
+        high_means = [masks.mean(dim=1, keepdim=True) for masks in high_masks]
+        low_mean = None if low_masks is None else low_masks.mean(dim=1)
+        if refine_masks:
+            high_means, low_mean = self._refined_means(prompt, student_bands, high_means, low_mean)
+        triples = list(zip(teacher_highs, student_highs, high_means, strict=True))
+        if low_mean is not None:
+            triples.append((teacher_low, student_low, low_mean))
+        if self.band_weighting == "band":
+            terms = [_masked_band_l1(t, s, mean, omega) for t, s, mean in triples]
+        else:
+            sums = [_masked_band_sum(t, s, mean, omega) for t, s, mean in triples]
+            terms = [torch.stack(sums).sum() / sum(t.numel() for t, _, _ in triples)]
+        if self.decoupled:
+            terms.append(_band_l2(teacher_low, student_low, omega))
         return torch.stack(terms).sum()
+
+    def _channel_weight(
+        self, index: int, student: Sequence[Tensor], teacher: Sequence[Tensor]
+    ) -> Tensor | None:
+        """``omega: [N, C]`` of layer ``index`` (``None`` when the relational term is off)."""
+        if self.gates is None:
+            return None
+        has_next = index + 1 < len(teacher)
+        return self.gates[index](
+            teacher[index],
+            student[index].detach(),
+            teacher[index + 1] if has_next else None,
+            student[index + 1].detach() if has_next else None,
+        )
+
+    def _refined_means(
+        self,
+        prompt: FrequencyPrompt,
+        student_bands: WaveletBands,
+        high_means: list[Tensor],
+        low_mean: Tensor | None,
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """FreeKD+'s student-refined mask means ``Mbar_t * Mbar_s``, ``Mbar_s`` from the same
+        prompts on the (projected) student's bands, under ``no_grad``. Shapes as given:
+        ``high_means[j - 1]: [N, 1, k, h_j, w_j]``, ``low_mean: [N, 1, h_J, w_J]`` or ``None``."""
+        with torch.no_grad():
+            low, highs = student_bands
+            student_low_masks, student_high_masks = prompt.masks(
+                (low.detach(), [h.detach() for h in highs]), low_mean is not None
+            )
+            refined_highs = [
+                mean * masks.mean(dim=1, keepdim=True)
+                for mean, masks in zip(high_means, student_high_masks, strict=True)
+            ]
+            refined_low = None
+            if low_mean is not None and student_low_masks is not None:
+                refined_low = low_mean * student_low_masks.mean(dim=1)
+        return refined_highs, refined_low
 
     # ------------------------------------------------------------------ checks
 
@@ -313,12 +518,22 @@ class FreeKDLoss(nn.Module):
             )
 
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"channels={self.channels}, num_prompts={self.num_prompts}, levels={self.levels}, "
             f"wavelet={self.wavelet!r}, granularity={self.granularity!r}, "
-            f"dissimilarity={self.dissimilarity!r}, relational={self.relational}, "
-            f"include_low={self.include_low}, loss_weight={self.loss_weight}"
+            f"dissimilarity={self.dissimilarity!r}, relational={self.relational_kind!r}, "
+            f"include_low={self.include_low}, loss_weight={self.loss_weight}, "
+            f"mask_logits={self.mask_logits!r}, band_weighting={self.band_weighting!r}"
         )
+        if self.relational:
+            text += f", relation_source={self.relation_source!r}"
+        if self.relational_kind == "cosine":
+            text += f", relation_temperature={self.relation_temperature}"
+        if self.decoupled:
+            text += ", decoupled=True"
+        if self.student_masks:
+            text += f", student_masks=True, student_mask_warmup={self.student_mask_warmup}"
+        return text
 
 
 def _official_tokens(state_dict: Mapping[str, Tensor]) -> list[Tensor]:

@@ -264,10 +264,8 @@ def build_freekd_loss(config: RunConfig, channels: list[int]) -> FreeKDLoss:
     try:
         return FreeKDLoss.preset(config.distill.preset, channels, **config.distill.loss)
     except TypeError as error:
-        raise ValueError(
-            f"distill.loss: {error}; valid keys: num_prompts, levels, wavelet, granularity, "
-            f"dissimilarity, relational, include_low, loss_weight, gate"
-        ) from None
+        valid = [n for n in inspect.signature(FreeKDLoss).parameters if n != "channels"]
+        raise ValueError(f"distill.loss: {error}; valid keys: {', '.join(valid)}") from None
 
 
 def build_baseline_loss(config: RunConfig, channels: list[int]) -> nn.Module:

@@ -153,14 +153,16 @@ def _prompt_schedule() -> ScheduleConfig:
 @dataclass
 class PromptsSection(JobSection):
     """Stage 1: prompt tuning (defaults: the MasKD recipe, 2000 steps, Adam 0.01, weight decay
-    1e-3, cosine to 1e-6). ``dissimilarity_weight`` is lambda; ``batch_size`` overrides
-    ``data.batch_size``; ``file``: the tuned prompts used by ``distill`` and ``visualize``
-    (``null``: ``run_dir/prompts/prompts.safetensors``)."""
+    1e-3, cosine to 1e-6). ``dissimilarity_weight`` is lambda; ``resynthesis``: ``sum``
+    (DESIGN) or ``centered`` (starts near the identity, :class:`freekd.tuning.PromptTuner`);
+    ``batch_size`` overrides ``data.batch_size``; ``file``: the tuned prompts used by
+    ``distill`` and ``visualize`` (``null``: ``run_dir/prompts/prompts.safetensors``)."""
 
     steps: int = 2000
     optimizer: OptimConfig = field(default_factory=_prompt_optimizer)
     schedule: ScheduleConfig = field(default_factory=_prompt_schedule)
     dissimilarity_weight: float = 1.0
+    resynthesis: Literal["sum", "centered"] = "sum"
     batch_size: int | None = None
     file: str | None = None
 
@@ -176,7 +178,9 @@ class DistillSection:
     prompts and writes ``run_dir/student_<method>``; ``mu`` weights it as it weights FreeKD.
     ``preset``: ``paper`` or ``official`` (:meth:`freekd.FreeKDLoss.preset`), ``loss``: its
     overrides (``num_prompts``, ``levels``, ``wavelet``, ``granularity``, ``dissimilarity``,
-    ``relational``, ``include_low``, ``gate``, ``loss_weight``). ``mu`` weights the FreeKD term.
+    ``relational``, ``include_low``, ``gate``, ``loss_weight``, ``mask_logits``,
+    ``relation_temperature``, ``relation_source``, ``band_weighting``, ``decoupled``,
+    ``student_masks``, ``student_mask_warmup``). ``mu`` weights the FreeKD term.
     ``teacher_taps`` / ``student_taps``: the distilled layers (default: the models'),
     ``projection``: ``auto`` | ``always`` | ``none``. The official recipes' extra terms:
     ``mse_weight`` (spatial MSE on the projected features) and ``head_weight`` (SmoothL1

@@ -299,6 +299,7 @@ def tune_prompts(config: RunConfig, resume: str | None = None, force: bool = Fal
         loss,
         spec.task_loss,
         dissimilarity_weight=config.prompts.dissimilarity_weight,
+        resynthesis=config.prompts.resynthesis,
     )
     job = config.prompts
     module = PromptTuningModule(
@@ -307,9 +308,42 @@ def tune_prompts(config: RunConfig, resume: str | None = None, force: bool = Fal
     loader = train_loader(config, train_set, job.batch_size)
     result, done = _fit(config, module, loader, directory, job.steps, resume, force)
     outputs = {"prompts": directory / "prompts.safetensors"} if done else {}
-    return JobResult(
-        "prompts", directory, outputs, result.metrics, time.perf_counter() - start, done
-    )
+    metrics = dict(result.metrics)
+    if done and result.trainer.is_global_zero:
+        batch_size = job.batch_size or config.data.batch_size
+        metrics.update(_report_tuning(config, tuner, train_set, batch_size))
+    return JobResult("prompts", directory, outputs, metrics, time.perf_counter() - start, done)
+
+
+_DIAGNOSTIC_BATCHES = 2
+_DAMAGE_FIX = (
+    "lower prompts.optimizer.lr or prompts.dissimilarity_weight, or use prompts.resynthesis: "
+    "centered / distill.loss.mask_logits: normalized"
+)
+
+
+def _report_tuning(config: RunConfig, tuner: Any, train_set: Any, batch_size: int) -> dict:
+    """Measure what the tuned prompts do to the teacher on the first training items (up to
+    ``_DIAGNOSTIC_BATCHES`` batches), log it as a table, warn when tuning damaged the teacher;
+    returns the task losses as ``diagnostics/...`` metrics."""
+    from lightning.pytorch.utilities import move_data_to_device
+    from torch.utils.data import Subset
+
+    from ..tuning import damage_warning, format_diagnostics, merge_diagnostics
+
+    tuner.to(resolve_device(config.device))
+    device = tuner.loss.prompts[0].tokens.device
+    results = []
+    for start in range(0, min(len(train_set), _DIAGNOSTIC_BATCHES * batch_size), batch_size):
+        items = Subset(train_set, range(start, min(start + batch_size, len(train_set))))
+        batch = move_data_to_device(example_batch(config, items, batch_size), device)
+        results.append(tuner.diagnostics(batch))
+    report = merge_diagnostics(results)
+    logger.info("prompt diagnostics (first training items):\n%s", format_diagnostics(report))
+    warning = damage_warning(report, fix=_DAMAGE_FIX)
+    if warning is not None:
+        logger.warning(warning)
+    return {f"diagnostics/{key}": report[key] for key in ("clean_task", "resynthesized_task")}
 
 
 def _output_losses(config: RunConfig) -> dict[str, OutputLoss]:

@@ -228,8 +228,9 @@ class PromptTuningModule(_Job):
             self._log_val(self.tuner(batch), batch)
 
     def save_prompts(self, path: str | Path) -> Path:
-        """Write the prompts (and their configuration) as safetensors."""
-        self.tuner.loss.save_prompts(path)
+        """Write the prompts (and their configuration, the re-synthesis included) as
+        safetensors."""
+        self.tuner.save_prompts(path)
         return Path(path)
 
     def on_train_end(self) -> None:
