@@ -333,7 +333,7 @@ def format_diagnostics(diagnostics: Diagnostics) -> str:
     layer and band group with the saturated share and the mean of its mask values."""
     lines = [
         f"teacher task loss: clean {diagnostics['clean_task']:.4g}, re-synthesized "
-        f"{diagnostics['resynthesized_task']:.4g} (x{diagnostics['task_ratio']:.3g})",
+        f"{diagnostics['resynthesized_task']:.4g} (x{diagnostics['task_ratio']:.3f})",
         f"{'layer':<8} {'band':<7} {'saturated':>9} {'mean':>6}",
     ]
     for layer, bands in diagnostics["masks"].items():
