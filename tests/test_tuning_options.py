@@ -123,6 +123,28 @@ def test_diagnostics_report_losses_and_masks_and_centered_starts_at_the_teacher(
     assert summed["resynthesized_task"] > report["resynthesized_task"]
 
 
+def test_diagnostics_compare_passes_with_the_same_random_numbers(teacher_state):
+    # A task loss that samples (as a detector's box sampler does): with open masks and the
+    # centred re-synthesis the two passes must agree exactly, and the global state is kept.
+    def sampling_loss(model, batch):
+        images, labels = batch
+        keep = torch.rand(labels.shape) < 0.5
+        losses = F.cross_entropy(model(images), labels, reduction="none")
+        return losses[keep].mean()
+
+    teacher = TinySegmenter()
+    teacher.load_state_dict(teacher_state)
+    loss = FreeKDLoss([16, 16], num_prompts=1)
+    with torch.no_grad():
+        for prompt in loss.prompts:
+            prompt.tokens.zero_()
+    tuner = PromptTuner(teacher, TAPS, loss, sampling_loss, resynthesis="centered")
+    state = torch.get_rng_state()
+    report = tuner.diagnostics(fixed_batch())
+    assert torch.equal(torch.get_rng_state(), state)
+    assert report["resynthesized_task"] == pytest.approx(report["clean_task"], rel=1e-5)
+
+
 def test_damage_is_flagged_when_the_masks_close(teacher_state):
     tuner = make_tuner(teacher_state, "centered", mask_logits="normalized")
     with torch.no_grad():

@@ -210,13 +210,21 @@ class PromptTuner(nn.Module):
         re-synthesised. Returns ``{"clean_task": float, "resynthesized_task": float,
         "task_ratio": resynthesized / clean, "masks": {"layer{i}": {"low" | "level{j}":
         {"saturated": share of mask values < 1e-3 or > 1 - 1e-3, "mean": mean mask value}}}}``
-        (levels finest first). See :func:`teacher_damaged` and :func:`format_diagnostics`.
+        (levels finest first). Both passes draw the same torch random numbers (a task loss that
+        samples, such as a detector's box sampler, compares like with like); the global torch
+        random state is left as it was. See :func:`teacher_damaged` and
+        :func:`format_diagnostics`.
         """
         was_training = self.training
+        device = self.loss.prompts[0].tokens.device
         self.train()
         try:
-            clean = float(_task_total(self._clean_task(batch)))
-            resynthesized = float(_task_total(self._resynthesized_task(batch)))
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                seed = int(torch.randint(2**31, (1,)))
+                torch.manual_seed(seed)
+                clean = float(_task_total(self._clean_task(batch)))
+                torch.manual_seed(seed)
+                resynthesized = float(_task_total(self._resynthesized_task(batch)))
             masks = {f"layer{i}": mask_statistics(self._masks[i]) for i in sorted(self._masks)}
         finally:
             self._masks = {}
