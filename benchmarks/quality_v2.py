@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from freekd import auto_levels
 from freekd.calibration import calibrate_weight
 from freekd.data.digits import DigitScenes
 from freekd.distill import Projection
@@ -74,20 +75,6 @@ from freekd.losses import (
 )
 from freekd.taps import FeatureTaps
 from freekd.tuning import PromptTuner
-
-try:
-    from freekd import auto_levels
-except ImportError:  # TEMPORARY until the loss options land
-
-    def auto_levels(sizes, min_band=2, max_levels=3):
-        out = []
-        for h, w in sizes:
-            levels = 0
-            while levels < max_levels and min(math.ceil(h / 2), math.ceil(w / 2)) >= min_band:
-                h, w, levels = math.ceil(h / 2), math.ceil(w / 2), levels + 1
-            out.append(max(1, levels))
-        return out
-
 
 log = logging.getLogger("quality_v2")
 
@@ -809,9 +796,7 @@ class Bench:
                     job = futures[future][0]
                     done.append(self._store(job, future.result(), count, len(specs), start))
         else:
-            for count, (args, (job, prompts, mu)) in enumerate(
-                zip(arguments, specs, strict=True), 1
-            ):
+            for count, (job, prompts, mu) in enumerate(specs, 1):
                 result = train_student(
                     self.protocol,
                     job["name"],
@@ -831,7 +816,8 @@ class Bench:
         _write_json(result, Path(job["path"]))
         elapsed = time.perf_counter() - start
         log.info(
-            "run %d of %d: %s -> selection %.2f, test %.2f (%.0f s; elapsed %.1f min, ~%.1f min left)",
+            "run %d of %d: %s -> selection %.2f, test %.2f (%.0f s; %.1f min elapsed, "
+            "~%.1f min left)",
             count,
             total,
             job["pending"],
@@ -879,7 +865,8 @@ def plateau_steps(curve: list[list[float]], gain: float = 0.5, extra: float = 0.
     def score_at(step: float) -> float | None:
         if step > steps[-1]:
             return None
-        for (s0, v0), (s1, v1) in zip(zip(steps, scores), zip(steps[1:], scores[1:])):
+        points = list(zip(steps, scores, strict=True))
+        for (s0, v0), (s1, v1) in zip(points, points[1:], strict=False):
             if s0 <= step <= s1:
                 return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
         return scores[0]
@@ -890,7 +877,7 @@ def plateau_steps(curve: list[list[float]], gain: float = 0.5, extra: float = 0.
         if later is None:
             break
         gains.append((step, later - score))
-    for (step, first), (_, second) in zip(gains, gains[1:]):
+    for (step, first), (_, second) in zip(gains, gains[1:], strict=False):
         if first < gain and second < gain:
             return {"student_steps": int(step), "gains": gains, "reached": True}
     return {"student_steps": int(steps[-1]), "gains": gains, "reached": False}
@@ -1003,7 +990,10 @@ def summary(bench: Bench, chosen: dict, seeds: list[dict], ablations: list[dict]
             "initialisation": "from scratch (no pretrained weights)",
             "student_steps": bench.student_steps(),
             "batch_size": protocol.batch_size,
-            "optimizer": f"AdamW lr {protocol.lr}, wd {protocol.weight_decay}, warm-up {protocol.warmup_steps}, cosine",
+            "optimizer": (
+                f"AdamW lr {protocol.lr}, weight decay {protocol.weight_decay}, "
+                f"{protocol.warmup_steps} warm-up steps, cosine to 0"
+            ),
             "prompt_steps": protocol.prompt_steps,
             "plateau": plateau,
             "seeds": list(protocol.seeds),
@@ -1031,12 +1021,14 @@ def summary(bench: Bench, chosen: dict, seeds: list[dict], ablations: list[dict]
 def markdown(result: dict) -> str:
     p = result["protocol"]
     lines = [
-        f"Quality benchmark v2 ({p['preset']}): {p['task']} at {p['image_size']} px, distilled maps "
+        f"Quality benchmark v2 ({p['preset']}): {p['task']} at {p['image_size']} px, "
+        f"distilled maps "
         f"{p['distilled_maps']} (wavelet levels {p['wavelet_levels']}), teacher {p['teacher']} "
         f"(test mIoU {result['teacher_score']['test']:.2f}), student {p['student']}, "
         f"{p['student_steps']} steps, seeds {p['seeds']}; {p['machine']}, torch {p['torch']}.",
         "",
-        "| method | mu (x mu0) | test mIoU | per seed | vs MSE (per seed) | vs CWD (per seed) | s/step |",
+        "| method | mu (x mu0) | test mIoU | per seed | vs MSE (per seed) | vs CWD (per seed) "
+        "| s/step |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, m in result["methods"].items():
@@ -1075,7 +1067,7 @@ def plots(result: dict, folder: Path) -> list[Path]:
     plateau = result["protocol"]["plateau"]
     if "curve" in plateau:
         figure, axis = plt.subplots(figsize=(5, 3.5))
-        steps, scores = zip(*plateau["curve"])
+        steps, scores = zip(*plateau["curve"], strict=True)
         axis.plot(steps, scores, marker="o", label="no distillation (constant lr)")
         axis.axvline(plateau["student_steps"], color="tab:red", linestyle="--", label="schedule")
         axis.set_xlabel("student steps")
@@ -1139,7 +1131,7 @@ def _progress(label: str, step: int, total: int, start: float, loss: Tensor) -> 
             label,
             step + 1,
             total,
-            float(loss),
+            float(loss.detach()),
             elapsed,
             elapsed / (step + 1) * (total - step - 1),
         )
