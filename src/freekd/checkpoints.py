@@ -4,7 +4,12 @@
 ``weights_only=True``, or a mapping), unwraps the usual containers (``state_dict``, ``model``,
 ``student``/``teacher`` prefixes of a freekd or Lightning checkpoint, DDP's ``module.``), reports
 missing and unexpected keys, and refuses to go on when more than ``max_missing`` of the model's
-entries would keep their initial values.
+entries would keep their initial values, or when the file holds more than that many entries the
+model lacks (another, larger model).
+
+Every file is read through :func:`read_torch_file` or :func:`read_safetensors_file`: an empty,
+truncated, damaged or foreign file raises one ``ValueError`` naming the file, what is wrong with it
+and the fix.
 
 ``export_student(student, path)`` writes the student's plain ``state_dict`` as safetensors: it
 loads with ``strict=True`` into the same architecture built without freekd.
@@ -15,16 +20,27 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ._io import save_safetensors
 
-__all__ = ["LoadReport", "export_student", "load_weights", "read_state_dict"]
+__all__ = [
+    "LoadReport",
+    "checkpoint_job",
+    "checkpoint_origin",
+    "export_student",
+    "load_weights",
+    "read_safetensors_file",
+    "read_state_dict",
+    "read_torch_file",
+]
 
 logger = logging.getLogger("freekd")
 
@@ -56,36 +72,148 @@ def _preview(keys: list[str], count: int = 5) -> str:
     return ", ".join(keys[:count]) + more
 
 
+def _short(error: BaseException) -> str:
+    """The first sentence of an exception's message (library messages run over lines)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    sentence = text.split(". ")[0]
+    return sentence if len(sentence) <= 160 else sentence[:157] + "..."
+
+
+def _check_readable(path: Path, what: str, fix: str) -> None:
+    if not path.is_file():
+        kind = "is a folder" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"{what} {str(path)!r} {kind}: check the path")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} {str(path)!r} is empty (0 bytes, an interrupted copy?): {fix}")
+
+
+def read_torch_file(
+    path: str | os.PathLike, what: str = "checkpoint", fix: str = "copy or save it again"
+) -> Any:
+    """The object saved by ``torch.save`` in ``path``, read with ``weights_only=True`` (no code
+    runs; zip files are memory-mapped, so reading the keys of a large file is cheap).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for an
+    empty, truncated or damaged one (``fix`` says what to do then), one that is no torch file at
+    all (text, an image ...) and one that holds pickled code."""
+    path = Path(path)
+    _check_readable(path, what, fix)
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    zipped = head.startswith(b"PK\x03\x04")
+    if not zipped and not head.startswith(b"\x80"):  # torch.save: a zip, or a protocol-2 pickle
+        raise ValueError(
+            f"{what} {str(path)!r} is not a file written by torch.save (it starts with "
+            f"{head!r}): pass a .pt / .pth / .ckpt written by torch.save, or a .safetensors file"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except pickle.UnpicklingError as error:
+        if "weights only" not in str(error).lower():
+            raise ValueError(
+                f"{what} {str(path)!r} is truncated or damaged ({_short(error)}): {fix}"
+            ) from None
+        raise ValueError(
+            f"cannot read {str(path)!r} as a weights-only torch checkpoint (it holds objects "
+            f"other than tensors and plain data); freekd never unpickles code: re-save the state "
+            f"dict with torch.save or as safetensors"
+        ) from None
+    except Exception as error:  # torch raises RuntimeError / EOFError / ... for broken files
+        raise ValueError(
+            f"{what} {str(path)!r} is truncated or damaged ({_short(error)}): {fix}"
+        ) from None
+
+
+def read_safetensors_file(
+    path: str | os.PathLike, what: str = "checkpoint"
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file; ``ValueError`` naming the file when it is
+    empty, truncated, damaged or no safetensors file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    _check_readable(path, what, "copy or export it again")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except Exception as error:  # safetensors raises its own error types
+        raise ValueError(
+            f"{what} {str(path)!r} is not a readable safetensors file ({_short(error)}): it is "
+            f"truncated or damaged; copy or export it again"
+        ) from None
+    return tensors, metadata
+
+
 def read_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, Tensor]:
     """A flat ``{name: tensor}`` from a file or mapping, containers unwrapped."""
     if isinstance(source, Mapping):
         state = source
     else:
         path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist: check the path")
         if path.suffix == ".safetensors":
-            import safetensors.torch
-
-            state = safetensors.torch.load_file(str(path))
+            state = read_safetensors_file(path)[0]
         else:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as error:
-                raise ValueError(
-                    f"cannot read {str(path)!r} as a weights-only torch checkpoint ({error}); "
-                    f"freekd never unpickles code: re-save the state dict with torch.save or as "
-                    f"safetensors"
-                ) from None
+            state = read_torch_file(path)
     for key in _CONTAINER_KEYS:
         inner = state.get(key) if isinstance(state, Mapping) else None
         if isinstance(inner, Mapping) and inner and all(isinstance(k, str) for k in inner):
             state = inner
             break
+    if not isinstance(state, Mapping):
+        raise ValueError(
+            f"the checkpoint holds a {type(state).__name__}, not a state dict: save "
+            f"model.state_dict()"
+        )
     tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
     if not tensors:
         raise ValueError("the checkpoint holds no tensors: is it a model's state dict?")
     return tensors
+
+
+_JOB_PREFIXES = {"model.": "train-teacher", "tuner.": "tune-prompts", "distiller.": "distill"}
+"""Key prefixes of the Lightning modules of :mod:`freekd.train` -> the job that writes them."""
+
+
+def checkpoint_job(checkpoint: Mapping[str, Any]) -> str | None:
+    """The freekd job that wrote a Lightning checkpoint (the dict in a ``.ckpt``): the name
+    recorded in it (``"train-teacher"``, ``"tune-prompts"``, ``"distill"``,
+    ``"distill --baseline"``), else guessed from its state-dict keys; ``None`` when neither
+    tells."""
+    recorded = checkpoint.get("freekd")
+    if isinstance(recorded, Mapping) and isinstance(recorded.get("job"), str):
+        return recorded["job"]
+    state = checkpoint.get("state_dict")
+    if isinstance(state, Mapping):
+        for prefix, job in _JOB_PREFIXES.items():
+            if state and all(str(key).startswith(prefix) for key in state):
+                return job
+    return None
+
+
+def checkpoint_origin(path: str | os.PathLike) -> str | None:
+    """What a weights file says it holds, for error messages: ``"the teacher pspnet/resnet34"``
+    (metadata of a file written by :func:`export_student`), ``"a tune-prompts checkpoint"``
+    (a job's ``.ckpt``), ``"tuned prompts"``; ``None`` when the file does not say (or cannot be
+    read)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+            if metadata.get("format", "").startswith("freekd-prompts"):
+                return "tuned prompts (a prompt file, not model weights)"
+            keys = ("role", "arch", "backbone")
+            info = {k: json.loads(metadata[k]) for k in keys if k in metadata}
+            if "arch" in info and "backbone" in info:
+                return f"the {info.get('role', 'model')} {info['arch']}/{info['backbone']}"
+            return None
+        job = checkpoint_job(read_torch_file(path))
+    except Exception:  # only a hint: the caller reports the real problem
+        return None
+    return f"a {job} checkpoint" if job else None
 
 
 def _strip_prefix(
@@ -126,6 +254,7 @@ def load_weights(
     source: str | os.PathLike | Mapping[str, Tensor],
     max_missing: float = 0.01,
     prefix: str | None = None,
+    max_unexpected: float | None = None,
 ) -> LoadReport:
     """Load ``source`` into ``model``; report and refuse a checkpoint that does not fit.
 
@@ -134,9 +263,13 @@ def load_weights(
         source: a ``.safetensors`` file, a torch checkpoint, or a state dict.
         max_missing: largest fraction of the model's entries allowed to be missing (default 1%).
         prefix: key prefix to remove (e.g. ``"teacher."``); found automatically when ``None``.
+        max_unexpected: largest number of entries the model lacks, as a fraction of the model's
+            entries (default: ``max_missing``): a file of a larger model (a ResNet-34 into a
+            ResNet-18) fits by name where the models agree and would load without error.
 
-    Raises ``ValueError`` naming the missing keys when more are missing, or when a tensor's shape
-    differs. Logs the missing and unexpected keys otherwise.
+    Raises ``ValueError`` naming the missing (or unexpected) keys when there are more, or when a
+    tensor's shape differs; the message names the model the file says it holds when it is a
+    file. Logs the missing and unexpected keys otherwise.
     """
     state = read_state_dict(source)
     expected = model.state_dict()
@@ -152,7 +285,8 @@ def load_weights(
     if shape_errors:
         raise ValueError(
             f"checkpoint does not fit the model, shapes differ for {len(shape_errors)} entries: "
-            f"{_preview(shape_errors, 3)}: build the model the checkpoint was saved from"
+            f"{_preview(shape_errors, 3)}{_holds(source)}: build the model the checkpoint was "
+            f"saved from"
         )
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -160,13 +294,26 @@ def load_weights(
     if len(missing) > max_missing * len(expected):
         raise ValueError(
             f"checkpoint misses {len(missing)} of the model's {len(expected)} entries "
-            f"(more than {max_missing:.0%}): {_preview(missing)}; it was saved from another "
-            f"model, or pass max_missing= to accept it"
+            f"(more than {max_missing:.0%}): {_preview(missing)}{_holds(source)}; it was saved "
+            f"from another model, or pass max_missing= to accept it"
+        )
+    limit = max_missing if max_unexpected is None else max_unexpected
+    if len(unexpected) > limit * len(expected):
+        raise ValueError(
+            f"checkpoint holds {len(unexpected)} entries the model lacks (more than {limit:.0%} "
+            f"of its {len(expected)}): {_preview(unexpected)}{_holds(source)}; it was saved "
+            f"from another model, or pass max_unexpected= to accept it"
         )
     model.load_state_dict(state, strict=False)
     if missing or unexpected:
         logger.warning("load_weights: %s", report)
     return report
+
+
+def _holds(source: str | os.PathLike | Mapping[str, Tensor]) -> str:
+    """`` (the file holds ...)`` for an error message about a file that says what it holds."""
+    origin = None if isinstance(source, Mapping) else checkpoint_origin(source)
+    return f" (the file holds {origin})" if origin else ""
 
 
 def export_student(

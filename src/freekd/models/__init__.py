@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from ..tuning import TaskLoss
-from ._common import check_name
+from ._common import WeightsUnavailableError, check_name
 from .detection import (
     DETECTION_ARCHS,
     DETECTION_BACKBONES,
@@ -150,11 +150,15 @@ def build_model(task: str, arch: str, backbone: str, num_classes: int, **kwargs:
         model = build_detector(arch, backbone, num_classes, **kwargs)
         task_loss, predict = detection_loss, detection_predict
     else:
-        if "weights_backbone" in kwargs:  # one name for the ImageNet backbone in both tasks
+        renamed = "weights_backbone" in kwargs
+        if renamed:  # one name for the ImageNet backbone in both tasks
             if "encoder_weights" in kwargs:
                 raise ValueError("pass weights_backbone or encoder_weights, not both")
             kwargs["encoder_weights"] = kwargs.pop("weights_backbone")
-        model = build_segmenter(arch, backbone, num_classes, **kwargs)
+        try:
+            model = build_segmenter(arch, backbone, num_classes, **kwargs)
+        except WeightsUnavailableError as error:
+            raise (error.named("weights_backbone") if renamed else error) from None
         task_loss, predict = segmentation_loss, segmentation_predict
     return ModelSpec(
         model=model,

@@ -54,7 +54,14 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from ._common import check_name, check_num_classes, eval_mode, is_checkpoint_path, load_checkpoint
+from ._common import (
+    check_name,
+    check_num_classes,
+    downloads,
+    eval_mode,
+    is_checkpoint_path,
+    load_checkpoint,
+)
 
 __all__ = [
     "DETECTION_ARCHS",
@@ -157,7 +164,8 @@ def _load_torchvision_weights(
     model: nn.Module, arch: str, weights: WeightsEnum, progress: bool
 ) -> None:
     """Load a torchvision COCO checkpoint (downloaded to the torch hub cache on first use)."""
-    state = weights.get_state_dict(progress=progress, check_hash=True)
+    with downloads("weights", weights.name, weights):
+        state = weights.get_state_dict(progress=progress, check_hash=True)
     expected = model.state_dict()
     skipped = sorted(k for k, v in state.items() if k in expected and v.shape != expected[k].shape)
     stray = [k for k in skipped if not k.startswith(_CLASS_DEPENDENT[arch])]
@@ -276,13 +284,15 @@ def build_detector(
             f"trainable_backbone_layers must be an integer in 0..5, got "
             f"{trainable_backbone_layers!r}"
         )
-    body = build_fpn_backbone(
-        arch,
-        backbone,
-        weights_backbone,
-        frozen_bn=pretrained if frozen_bn is None else frozen_bn,
-        trainable_layers=trainable_backbone_layers,
-    )
+    name = getattr(weights_backbone, "name", None)
+    with downloads("weights_backbone", name, weights_backbone):
+        body = build_fpn_backbone(
+            arch,
+            backbone,
+            weights_backbone,
+            frozen_bn=pretrained if frozen_bn is None else frozen_bn,
+            trainable_layers=trainable_backbone_layers,
+        )
     model = _ARCH_CLASSES[arch](
         body, num_classes=num_classes + 1, min_size=min_size, max_size=max_size, **kwargs
     )

@@ -38,7 +38,14 @@ from torchvision.models import (
     WeightsEnum,
 )
 
-from ._common import check_name, check_num_classes, eval_mode, is_checkpoint_path, load_checkpoint
+from ._common import (
+    check_name,
+    check_num_classes,
+    downloads,
+    eval_mode,
+    is_checkpoint_path,
+    load_checkpoint,
+)
 
 __all__ = [
     "SEGMENTATION_ARCHS",
@@ -145,14 +152,16 @@ def build_segmenter(
         encoder_depth=5,
         classes=num_classes,
     )
-    if arch == "pspnet":
-        model = smp.PSPNet(
-            **common, upsampling=output_stride, output_stride=output_stride, **kwargs
-        )
-    else:
-        model = smp.DeepLabV3(**common, encoder_output_stride=output_stride, **kwargs)
+    with downloads("encoder_weights", encoder_weights):  # smp's weights: the Hugging Face hub
+        if arch == "pspnet":
+            model = smp.PSPNet(
+                **common, upsampling=output_stride, output_stride=output_stride, **kwargs
+            )
+        else:
+            model = smp.DeepLabV3(**common, encoder_output_stride=output_stride, **kwargs)
     if torchvision_weights is not None:
-        state = torchvision_weights.get_state_dict(progress=progress, check_hash=True)
+        with downloads("encoder_weights", encoder_weights, torchvision_weights):
+            state = torchvision_weights.get_state_dict(progress=progress, check_hash=True)
         model.encoder.load_state_dict(state)  # smp's ResNetEncoder drops fc.*
     if weights is not None:
         load_checkpoint(model, weights, prefix=weights_prefix)
