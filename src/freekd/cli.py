@@ -5,14 +5,19 @@ Every subcommand reads one YAML configuration (``--config``, see ``docs/cli.md``
 ``configs/``), changed on the command line with ``--set key.sub=value``. The jobs themselves live
 in :mod:`freekd.pipeline`; this module only parses the command line and reports errors: a
 mistake the user can fix (a bad configuration value, a missing file, a run folder in use) is
-printed as one line ``freekd: error: ...`` with exit status 2, anything else is a bug and shows
-its traceback (``--debug`` shows it for every error).
+printed as one line ``freekd: error: ...`` with exit status 2, in the command line's words
+(:func:`cli_words`: ``--resume`` where the Python API says ``resume='last'``), anything else is
+a bug and shows its traceback (``--debug`` shows it for every error). A Ctrl-C exits with 130,
+a SIGTERM with 143, each after a checkpoint and one line saying how to resume. In a run of
+several processes only rank 0 prints results and information.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -22,10 +27,11 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["app", "main"]
+__all__ = ["app", "cli_words", "main"]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as for a process that SIGTERM killed
 
 app = typer.Typer(
     name="freekd",
@@ -130,13 +136,16 @@ def _load(config: Path, sets: list[str] | None, run_dir: Path | None, device: st
 
 
 def _resume(resume: bool, resume_from: Path | None) -> str | None:
+    """``--resume``: the job folder's last checkpoint, or a fresh start (said in the log) when
+    the folder holds none yet (a run killed before its first checkpoint); ``--resume-from``:
+    that file, which must exist."""
     if resume and resume_from is not None:
         raise ValueError("pass --resume or --resume-from, not both")
     if resume_from is not None:
         if not resume_from.is_file():
             raise FileNotFoundError(f"--resume-from {str(resume_from)!r} does not exist")
         return str(resume_from)
-    return "last" if resume else None
+    return "auto" if resume else None
 
 
 # ---------------------------------------------------------------------------- errors
@@ -159,6 +168,28 @@ def _raised_in_freekd(error: BaseException) -> bool:
         return False
 
 
+_WORKER_ERROR = re.compile(r"^Caught (\w+) in DataLoader worker process \d+\.\s*Original Traceback")
+
+
+def _worker_error(error: BaseException) -> tuple[str, bool] | None:
+    """``(original message, raised in freekd)`` of an exception that a DataLoader worker raised
+    and torch re-raised in the main process (its message holds the worker's traceback as text),
+    ``None`` for any other exception."""
+    text = str(error.args[0]) if error.args else ""
+    if not _WORKER_ERROR.match(text):
+        return None
+    lines = [line for line in text.splitlines() if line.strip()]
+    files = re.findall(r'File "([^"]+)", line \d+', text)
+    package = Path(__file__).resolve().parent
+    try:
+        in_freekd = bool(files) and Path(files[-1]).resolve().is_relative_to(package)
+    except (OSError, ValueError):
+        in_freekd = False
+    last = lines[-1].strip()
+    message = last.split(": ", 1)[1] if ": " in last else last
+    return message, in_freekd
+
+
 def _is_user_error(error: BaseException) -> bool:
     from .pipeline.schema import ConfigError
 
@@ -179,27 +210,89 @@ def _is_user_error(error: BaseException) -> bool:
             return True
     except ImportError:  # pragma: no cover
         pass
-    return isinstance(error, ValueError | TypeError | KeyError) and _raised_in_freekd(error)
+    if not isinstance(error, ValueError | TypeError | KeyError):
+        return False
+    worker = _worker_error(error)
+    return worker[1] if worker is not None else _raised_in_freekd(error)
+
+
+# The Python API's words in messages -> the command line's (the API keeps its own words).
+_CLI_WORDS: tuple[tuple[str, str], ...] = (
+    (r"resume='(?:last|auto)'", "--resume"),
+    (r"force=True", "--force"),
+    (r"choose another run_dir\b", "choose another --run-dir"),
+    (r"nonfinite='skip'", "--set distill.nonfinite=skip"),
+    (r"projection='auto'", "--set distill.projection=auto"),
+    (
+        r",? or pass max_(?:missing|unexpected)= to accept it",
+        ": pass this model's own weights, or set the arch and backbone the file was saved with",
+    ),
+    (r"pass prefix= to choose", "pass a file that holds one model (e.g. a job's .safetensors)"),
+    (r"save it again with FreeKDLoss\.save_prompts, or tune", "tune"),
+)
+
+
+def cli_words(text: str) -> str:
+    """``text`` (a message of the Python API) in the command line's words: ``--resume`` for
+    ``resume='last'``, ``--force`` for ``force=True``, ``train.devices`` for
+    ``TrainConfig.devices``, ``--set ...`` for keyword arguments, ... (:data:`_CLI_WORDS`)."""
+    from .pipeline.config import TrainerSection
+
+    for pattern, replacement in _CLI_WORDS:
+        text = re.sub(pattern, replacement, text)
+    trainer_keys = "|".join(f.name for f in dataclasses.fields(TrainerSection))
+    return re.sub(rf"\bTrainConfig\.({trainer_keys})\b", r"train.\1", text)
 
 
 def _message(error: BaseException) -> str:
-    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-    return " ".join(text.split()) or type(error).__name__
+    worker = _worker_error(error)
+    if worker is not None:
+        text = worker[0]
+    elif isinstance(error, KeyError) and error.args:
+        text = str(error.args[0])
+    else:
+        text = str(error)
+    return cli_words(" ".join(text.split()) or type(error).__name__)
+
+
+def _rank_tag() -> str:
+    """``" (rank N)"`` in a process of rank > 0 of a multi-process run, else ``""``."""
+    from .train.runner import is_rank_zero
+
+    if is_rank_zero():
+        return ""
+    rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "?"
+    return f" (rank {rank})"
+
+
+def _echo(text: str) -> None:
+    """Print a result line: on the process of rank 0 only (every process of a multi-process
+    run gets to the end of the job)."""
+    from .train.runner import is_rank_zero
+
+    if is_rank_zero():
+        typer.echo(text)
 
 
 def _run(job: Callable[[], Any]) -> Any:
-    """Run ``job``; user errors -> one line on stderr and exit status 2."""
+    """Run ``job``; user errors -> one line on stderr and exit status 2; a Ctrl-C (130) or a
+    SIGTERM (143) -> one line saying where it stopped and how to resume."""
+    from .train.runner import StoppedBySignal
+
     try:
         _quiet_libraries()
         return job()
+    except StoppedBySignal as stopped:
+        typer.echo(f"freekd{_rank_tag()}: {cli_words(stopped.message)}", err=True)
+        raise typer.Exit(EXIT_TERMINATED) from None
     except KeyboardInterrupt as interrupt:
         detail = f": {_message(interrupt)}" if str(interrupt) else ""
-        typer.echo(f"freekd: interrupted{detail}", err=True)
+        typer.echo(f"freekd{_rank_tag()}: interrupted{detail}", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except Exception as error:
         if _STATE["debug"] or not _is_user_error(error):
             raise
-        typer.echo(f"freekd: error: {_message(error)}", err=True)
+        typer.echo(f"freekd: error{_rank_tag()}: {_message(error)}", err=True)
         raise typer.Exit(EXIT_USER_ERROR) from None
 
 
@@ -210,7 +303,10 @@ def _quiet_libraries() -> None:
     freekd_logger = logging.getLogger("freekd")
     if not freekd_logger.handlers and not logging.getLogger().handlers:
         freekd_logger.addHandler(handler)
-    freekd_logger.setLevel(logging.INFO)
+    from .train.runner import is_rank_zero
+
+    # The other processes of a multi-process run repeat what rank 0 says: warnings only.
+    freekd_logger.setLevel(logging.INFO if is_rank_zero() else logging.WARNING)
     import lightning.pytorch  # noqa: F401  (it sets its loggers' levels when imported)
 
     for name in ("lightning.pytorch", "lightning.fabric"):
@@ -247,10 +343,10 @@ def _root(
 
 def _report(result: Any) -> None:
     for name, path in result.outputs.items():
-        typer.echo(f"{name}: {path}")
+        _echo(f"{name}: {path}")
     if not result.completed:
-        typer.echo(f"stopped before the last step; continue with --resume ({result.directory})")
-    typer.echo(f"{result.name} finished in {result.seconds / 60:.1f} min: {result.directory}")
+        _echo(f"stopped before the last step; continue with --resume ({result.directory})")
+    _echo(f"{result.name} finished in {result.seconds / 60:.1f} min: {result.directory}")
 
 
 def _run_training_job(
@@ -267,8 +363,10 @@ def _run_training_job(
 
     def job() -> None:
         from .pipeline import jobs
+        from .pipeline.builders import check_devices
 
         cfg = _load(config, sets, run_dir, device)
+        check_devices(cfg)  # before any data is read or any process started
         run = getattr(jobs, name)
         _report(run(cfg, resume=_resume(resume, resume_from), force=force))
 
@@ -585,6 +683,7 @@ def demo_command(
     """
 
     def job() -> None:
+        from .pipeline.builders import check_devices
         from .pipeline.demo import DEMO_TASKS, default_run_dir, demo_config, format_table, run_demo
 
         if resume and run_dir is None:
@@ -596,11 +695,13 @@ def demo_command(
             folder = base / name if len(tasks) > 1 else base
             overrides = _overrides(sets, None, device)
             configs.append(demo_config(name, quick, config, overrides, run_dir=folder))
+        for cfg in configs:
+            check_devices(cfg)  # before any stage starts
         summaries = [run_demo(cfg, force=force, resume=resume) for cfg in configs]
         for summary in summaries:
-            typer.echo("")
-            typer.echo(format_table(summary))
-            typer.echo(f"run folder: {summary['run_dir']} (metrics.json, masks.png, config.yaml)")
+            _echo("")
+            _echo(format_table(summary))
+            _echo(f"run folder: {summary['run_dir']} (metrics.json, masks.png, config.yaml)")
 
     _run(job)
 

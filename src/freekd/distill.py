@@ -39,6 +39,7 @@ __all__ = [
     "NonFiniteError",
     "OutputLoss",
     "Projection",
+    "all_ranks_finite",
     "default_teacher_input",
 ]
 
@@ -58,8 +59,11 @@ class NonFiniteError(FloatingPointError, ValueError):
 
 def default_teacher_input(batch: Any) -> Any:
     """The model input of a batch: ``batch[0]`` of a ``(inputs, targets)`` pair, ``batch["image"]``
-    of a dict, or the batch itself."""
+    of a dict, or the batch itself (also a list of per-image dicts, detectron2's / MMDetection's
+    batch, which the model takes whole)."""
     if isinstance(batch, list | tuple) and batch:
+        if all(isinstance(item, Mapping) for item in batch):
+            return batch
         return batch[0]
     if isinstance(batch, Mapping):
         for key in ("image", "images", "input", "inputs"):
@@ -69,6 +73,41 @@ def default_teacher_input(batch: Any) -> Any:
             f"cannot tell the model input in a batch with keys {list(batch)}: pass teacher_input="
         )
     return batch
+
+
+def all_ranks_finite(terms: Mapping[str, Tensor] | Sequence[Tensor] | Tensor) -> bool:
+    """Whether every tensor in ``terms`` is finite on this process *and on every other one*.
+
+    For a :class:`Distiller` in your own DDP loop: a NaN seen by one process alone must stop
+    (or skip) the step on all of them, or the others wait in the next gradient all-reduce
+    forever. One all-reduce of a flag when ``torch.distributed`` is initialised with several
+    processes (every process must call it at the same step), none otherwise::
+
+        terms = distiller(batch, raise_nonfinite=False)  # records distiller.last_nonfinite
+        if not all_ranks_finite(terms):                  # the same answer on every process
+            raise NonFiniteError(nonfinite_message(distiller.last_nonfinite or
+                                 ["loss term of another process"]), distiller.last_nonfinite)
+        sum(terms.values()).backward()
+    """
+    if isinstance(terms, Tensor):
+        tensors = [terms]
+    elif isinstance(terms, Mapping):
+        tensors = list(terms.values())
+    else:
+        tensors = list(terms)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    flags = [torch.isfinite(t.detach()).all().to(device) for t in tensors]
+    local = torch.stack(flags).all() if flags else torch.tensor(True, device=device)
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()):
+        return bool(local)
+    if distributed.get_world_size() < 2:
+        return bool(local)
+    if distributed.get_backend() == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    bad = (~local).to(device=device, dtype=torch.int32).reshape(1)
+    distributed.all_reduce(bad, op=distributed.ReduceOp.MAX)
+    return not bool(bad.item())
 
 
 @dataclass
@@ -134,7 +173,10 @@ class Distiller(nn.Module):
             term) does: ``"raise"`` (default) a :class:`NonFiniteError` naming the tap and the
             fixes; ``"skip"``: nothing here, the names are left in ``last_nonfinite`` for the
             trainer to skip the step (:class:`~freekd.train.DistillModule` does, agreed across
-            processes); ``"off"``: no check (saves one host sync per step).
+            processes); ``"off"``: no check (saves one host sync per step). In your own DDP
+            loop the check is this process's alone: call ``distiller(batch,
+            raise_nonfinite=False)`` and raise (or skip) when :func:`all_ranks_finite` of the
+            terms is false, so that every process stops at the same step.
 
     ``forward`` returns ``{"task/<name>": ..., "distill/<name>": weighted term, ...}``: sum the
     values for the objective. Trainable: the student, the projections and any learned part of a

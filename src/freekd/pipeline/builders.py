@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..checkpoints import LoadReport, load_weights, read_state_dict
+from ..checkpoints import LoadReport
 from ..losses import BASELINES, FreeKDLoss
 from ..taps import FeatureTaps
 from ..train import TrainConfig, make_train_loader, make_val_loader
@@ -27,6 +27,7 @@ __all__ = [
     "build_baseline_loss",
     "build_freekd_loss",
     "build_spec",
+    "check_devices",
     "example_batch",
     "job_dir",
     "load_model_weights",
@@ -78,8 +79,33 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
+def check_devices(config: RunConfig) -> None:
+    """Refuse ``train.devices`` that this machine cannot run as asked (before any data is read
+    or any process started): several processes where ``device: auto`` finds no GPU (a GPU
+    recipe on a CPU machine), more GPUs than there are; see
+    :func:`freekd.train.runner.check_devices`. ``device: cpu`` asks for CPU processes on
+    purpose."""
+    from ..train import runner
+
+    device = resolve_device(config.device)
+    runner.check_devices(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=config.train.devices,
+        num_nodes=config.train.num_nodes,
+        cpu_requested=config.device == "cpu",
+        words=runner.DeviceWords(
+            devices="train.devices",
+            one_process="--set train.devices=1",
+            gpus="--set train.devices={count}",
+            cpu_on_purpose="--device cpu",
+        ),
+    )
+
+
 def trainer_config(config: RunConfig, directory: Path, steps: int) -> TrainConfig:
-    """The :class:`~freekd.train.TrainConfig` of one job of the run."""
+    """The :class:`~freekd.train.TrainConfig` of one job of the run (its devices checked by
+    :func:`check_devices`)."""
+    check_devices(config)
     settings = asdict(config.train)
     if settings["progress_bar"] is None:
         settings["progress_bar"] = sys.stderr.isatty()
@@ -143,6 +169,9 @@ def build_data(config: RunConfig, split: str) -> Dataset:
     dataset = build_dataset(
         config.data.name, transforms=_transforms(config, split == "train"), **args
     )
+    check_files = getattr(dataset, "check_files", None)
+    if callable(check_files):  # a missing image fails now, not after hours of training
+        check_files()
     limit = config.data.val_limit
     if split == "val" and limit is not None and limit < len(dataset):  # type: ignore[arg-type]
         subset = Subset(dataset, range(limit))
@@ -216,26 +245,23 @@ def build_spec(config: RunConfig, section: ModelSection, num_classes: int) -> An
                 f"{section.arch} args: {name!r} is not used by the CLI; set the model's "
                 f"'checkpoint' instead"
             )
-    return build_model(config.task, section.arch, section.backbone, num_classes, **section.args)
+    from ..models._common import WeightsUnavailableError
+
+    try:
+        return build_model(config.task, section.arch, section.backbone, num_classes, **section.args)
+    except WeightsUnavailableError as error:
+        role = "teacher" if section is config.teacher else "student"
+        raise error.named(f"{role}.args.{error.setting}") from None
 
 
 def load_model_weights(model: nn.Module, path: str | os.PathLike, role: str) -> LoadReport:
     """Load a safetensors / torch file or a Lightning checkpoint of one of the jobs into
     ``model``; for a ``.ckpt`` the model is picked by its key prefix (``model.`` of a
-    teacher or baseline run, ``distiller.student.`` of a distillation run, ...)."""
-    path = Path(path)
-    state = read_state_dict(path)
-    prefix = None
-    for candidate in _CHECKPOINT_PREFIXES[role]:
-        if any(key.startswith(candidate) for key in state):
-            prefix = candidate
-            break
-    if not any(key.endswith("num_batches_tracked") for key in model.state_dict()):
-        state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    try:
-        return load_weights(model, state, prefix=prefix)
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+    teacher or baseline run, ``distiller.student.`` of a distillation run, ...). A file that
+    does not fit (missing or extra entries, other shapes) raises naming what it holds."""
+    from ..models._common import load_checkpoint
+
+    return load_checkpoint(model, Path(path), prefixes=_CHECKPOINT_PREFIXES[role])
 
 
 def tap_channels(model: nn.Module, taps: list[str], inputs: Any) -> list[int]:

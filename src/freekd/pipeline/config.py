@@ -107,13 +107,25 @@ class JobSection:
 
     @classmethod
     def _prepare(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        """Fill the schedule's ``total_steps`` with the job's ``steps`` where it is not set:
+        always for the default schedule (whose own ``total_steps`` only matches the default
+        ``steps``), else where the file or ``--set`` left it out or null."""
         steps = raw.get("steps", _field_default(cls, "steps"))
         schedule = raw.get("schedule")
         if schedule is None:
-            schedule = to_dict(_field_default(cls, "schedule"))
+            schedule = {**to_dict(_field_default(cls, "schedule")), "total_steps": None}
         if isinstance(schedule, Mapping) and schedule.get("total_steps") is None:
             raw["schedule"] = {**schedule, "total_steps": steps}
         return raw
+
+    def plain(self) -> dict[str, Any]:
+        """The section as plain data, with ``total_steps: null`` where the schedule follows
+        ``steps`` (so that a written ``config.yaml`` run again with another ``--set ...steps``
+        keeps following it)."""
+        data = to_dict(self)
+        if data["schedule"].get("total_steps") == self.steps:
+            data["schedule"]["total_steps"] = None
+        return data
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -267,8 +279,13 @@ class RunConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """The configuration as plain data (what ``config.yaml`` of a run holds)."""
-        return to_dict(self)
+        """The configuration as plain data (what ``config.yaml`` of a run holds); a schedule
+        that follows its job's ``steps`` is written with ``total_steps: null``."""
+        data = to_dict(self)
+        data["teacher"]["train"] = self.teacher.train.plain()
+        data["student"]["train"] = self.student.train.plain()
+        data["prompts"] = self.prompts.plain()
+        return data
 
 
 # ---------------------------------------------------------------------------- loading
@@ -282,11 +299,20 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"config file {str(path)!r} {what}: check the path")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            "",
+            f"not a text file (byte {error.start} is not UTF-8): pass the YAML configuration "
+            f"(e.g. configs/digits_demo_segmentation.yaml)",
+            str(path),
+        ) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError("", f"not valid YAML{where}: {problem}", str(path)) from None
+        raise ConfigError(
+            "", f"not valid YAML{where}: {problem}; fix the file there", str(path)
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -247,6 +247,8 @@ def _train_model(
     spec = build_spec(config, section, num_classes)
     job = section.train
     module = TeacherModule(spec.model, spec.task_loss, job.optimizer, job.schedule)
+    if role == "baseline":  # checkpoints say which job wrote them (checked on resume)
+        module.job_name = "distill --baseline"
     return _train_and_export(
         config,
         module,

@@ -14,6 +14,7 @@ all-reduces them, they hold no gradients, and ``find_unused_parameters`` is not 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -60,7 +61,15 @@ def _total(terms: Mapping[str, Tensor]) -> Tensor:
 
 
 class _Job(pl.LightningModule):
-    """What the three jobs share: optimizer and schedule, logging, validation, DDP exclusions."""
+    """What the three jobs share: optimizer and schedule, logging, validation, DDP exclusions.
+
+    ``job_name`` (the command that runs the job: ``"train-teacher"``, ``"tune-prompts"``,
+    ``"distill"``; set it to tell apart two jobs of one class, e.g. ``"distill --baseline"``)
+    is written into every checkpoint under ``checkpoint["freekd"]`` with the optimizer and
+    schedule settings; :func:`freekd.train.fit` checks them before resuming.
+    """
+
+    job_name = "job"
 
     def __init__(
         self, optim: OptimConfig, schedule: ScheduleConfig, val_step: ValStep | None
@@ -75,6 +84,13 @@ class _Job(pl.LightningModule):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["freekd"] = {
+            "job": self.job_name,
+            "optimizer": dataclasses.asdict(self.optim_config),
+            "schedule": dataclasses.asdict(self.schedule_config),
+        }
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.trainable_parameters(), self.optim_config)
@@ -151,6 +167,8 @@ class TeacherModule(_Job):
             torchvision detectors).
     """
 
+    job_name = "train-teacher"
+
     def __init__(
         self,
         model: nn.Module,
@@ -190,6 +208,8 @@ class PromptTuningModule(_Job):
     The optimizer gets the prompt tokens only. At the end of a run that reached ``max_steps``
     the prompts are marked tuned and saved (by process 0).
     """
+
+    job_name = "tune-prompts"
 
     def __init__(
         self,
@@ -272,6 +292,8 @@ class DistillModule(_Job):
     still ends at ``max_steps``). ``train/nonfinite_skipped`` logs the running count, which the
     checkpoint keeps.
     """
+
+    job_name = "distill"
 
     def __init__(
         self,
@@ -362,6 +384,7 @@ class DistillModule(_Job):
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["freekd_nonfinite_skipped"] = self.nonfinite_skipped
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

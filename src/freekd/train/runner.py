@@ -11,31 +11,50 @@ Run folder (``config.run_dir``)::
 A fresh run refuses a folder that is not empty (``force=True`` clears it); ``resume=...``
 continues in the same folder from a checkpoint, exactly: weights, optimizer, schedule, loop
 position (also in the middle of an epoch, with a :class:`~freekd.train.ResumableDataLoader`),
-the data order and the RNG states.
+the data order and the RNG states. Before anything starts, :func:`fit` refuses what would run
+something else than asked: device settings this machine cannot honour (:func:`check_devices`)
+and a checkpoint that is unreadable, of another job, of another model, or saved with another
+optimizer or schedule (:func:`check_resume_checkpoint`). A SIGTERM stops at the end of the step
+with a checkpoint and raises :class:`StoppedBySignal` (exit status 143 when not caught).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 import signal
+import sys
 import threading
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
+from ..checkpoints import checkpoint_job, read_torch_file
 from .callbacks import AtomicCheckpointIO, RNGState, StepCheckpoint
 from .config import TrainConfig
 from .data import ResumableDataLoader, ShardSampler
 
-__all__ = ["FitResult", "build_trainer", "fit", "resolve_resume"]
+__all__ = [
+    "DeviceWords",
+    "FitResult",
+    "StoppedBySignal",
+    "build_trainer",
+    "check_devices",
+    "check_resume_checkpoint",
+    "fit",
+    "is_rank_zero",
+    "resolve_resume",
+]
 
 logger = logging.getLogger("freekd")
 
@@ -67,10 +86,145 @@ class FitResult:
     global_step: int = 0
 
 
-def _launching_process() -> bool:
+class StoppedBySignal(SIGTERMException):
+    """:func:`fit` stopped on a SIGTERM at the end of a step, after writing its checkpoint.
+
+    A ``SystemExit`` (as Lightning's ``SIGTERMException``, which it subclasses) whose ``code``
+    is 143 (128 + SIGTERM): uncaught, the process exits with that status, so that a shell's
+    ``a && b`` does not go on to ``b``. ``step``: the last completed step; ``checkpoint``: the
+    file to resume from (``None`` when none was written); ``str()`` says both.
+    """
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        super().__init__(128 + signal.SIGTERM)
+        self.step, self.checkpoint = step, checkpoint
+        where = f"checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint yet"
+        self.message = f"stopped by SIGTERM at step {step}; resume with resume='last' ({where})"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def is_rank_zero() -> bool:
     """Whether this is the process that starts the run (global rank 0 of a launcher such as
-    torchrun or SLURM, or the only one): the one that checks and prepares the run folder."""
+    torchrun or SLURM, or the only one): the one that checks and prepares the run folder and
+    prints summaries."""
     return all(os.environ.get(name, "0") in ("", "0") for name in _RANK_VARIABLES)
+
+
+_PARENT_WATCH = {"started": False}
+
+
+def _exit_with_launcher() -> None:
+    """In a process of rank > 0: exit as soon as the process that started it is gone (rank 0
+    under Lightning's launcher, torchrun's agent, ...), instead of waiting in a collective for
+    a peer that will never answer."""
+    if _PARENT_WATCH["started"]:
+        return
+    _PARENT_WATCH["started"] = True
+    parent = os.getppid()
+    rank = next((os.environ[n] for n in _RANK_VARIABLES if os.environ.get(n, "0") != "0"), "?")
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        sys.stderr.write(
+            f"freekd: rank {rank}: the process that started this one (pid {parent}) is gone; "
+            f"exiting\n"
+        )
+        sys.stderr.flush()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="freekd-parent-watch", daemon=True).start()
+
+
+# ---------------------------------------------------------------------------- devices
+
+
+@dataclass(frozen=True)
+class DeviceWords:
+    """How :func:`check_devices` names the settings in its messages: the Python API's
+    (default) or a caller's (the command line's config keys and options)."""
+
+    devices: str = "TrainConfig.devices"
+    one_process: str = "devices=1"
+    gpus: str = "devices={count}"
+    cpu_on_purpose: str = "accelerator='cpu'"
+
+
+def _process_count(devices: Any) -> int | None:
+    """Processes per node that ``devices`` asks for, ``None`` where Lightning decides
+    (``"auto"``, ``-1``)."""
+    if isinstance(devices, bool):
+        return None
+    if isinstance(devices, int):
+        return devices if devices > 0 else None
+    if isinstance(devices, list | tuple):
+        return len(devices)
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text.isdigit():
+            return int(text)
+        if "," in text:
+            return len([part for part in text.split(",") if part.strip()])
+    return None
+
+
+def check_devices(
+    accelerator: str,
+    devices: Any,
+    num_nodes: int = 1,
+    cpu_requested: bool | None = None,
+    words: DeviceWords = DeviceWords(),
+) -> None:
+    """Refuse device settings that would silently run something else than asked.
+
+    - More processes than GPUs where GPUs are asked for (``accelerator`` ``"gpu"``/``"cuda"``,
+      or ``"auto"`` on a machine with GPUs).
+    - Several processes on a machine without GPU unless CPU processes were asked for on purpose
+      (``cpu_requested``; default: ``accelerator == "cpu"``): a GPU recipe (``devices=8``) would
+      otherwise start 8 CPU processes, each with the whole model. Asked for on purpose, more
+      processes than CPU cores only log a warning.
+
+    ``words`` name the settings and fixes in the caller's terms. Raises ``ValueError``.
+    """
+    count = _process_count(devices)
+    if count is None or count <= 1 and num_nodes <= 1:
+        return
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    setting = f"{words.devices}={devices}"
+    wants_gpus = accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus > 0)
+    if wants_gpus:
+        if gpus == 0:
+            raise ValueError(
+                f"{setting} asks for GPUs but torch sees none: use {words.one_process} "
+                f"(one CPU process), or {words.cpu_on_purpose} to start {count} CPU processes "
+                f"on purpose"
+            )
+        if count > gpus:
+            raise ValueError(
+                f"{setting} but this machine has {gpus} GPU{'s' if gpus > 1 else ''}: use "
+                f"{words.gpus.format(count=gpus)}, or run on a machine with {count}"
+            )
+        return
+    if accelerator not in ("cpu", "auto"):
+        return  # another accelerator (TPU, MPS, ...): Lightning checks it
+    if cpu_requested is None:
+        cpu_requested = accelerator == "cpu"
+    if not cpu_requested:
+        raise ValueError(
+            f"{setting} but this machine has no GPU: use {words.one_process} (one CPU "
+            f"process), or {words.cpu_on_purpose} to start {count} CPU processes on purpose"
+        )
+    cores = os.cpu_count() or 1
+    if count > cores:
+        logger.warning(
+            "%s starts %d CPU processes on %d CPU cores (asked for on purpose): each one holds "
+            "the whole model, and they share the cores",
+            setting,
+            count,
+            cores,
+        )
 
 
 def resolve_resume(resume: str | os.PathLike | None, run_dir: Path) -> Path | None:
@@ -92,6 +246,79 @@ def resolve_resume(resume: str | os.PathLike | None, run_dir: Path) -> Path | No
             f"folder holding checkpoints/last.ckpt, 'last' or 'auto'"
         )
     return path
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively (a checkpoint may hold either)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str) -> list[str]:
+    return [
+        f"{prefix}.{key} {saved[key]!r} -> {current.get(key)!r}"
+        for key in saved
+        if key in current and _plain(saved[key]) != _plain(current[key])
+    ]
+
+
+def check_resume_checkpoint(path: str | os.PathLike, module: pl.LightningModule) -> None:
+    """Refuse to resume ``module`` from ``path`` when the result would not be the run it
+    continues, before anything is loaded: an unreadable (truncated, damaged, foreign) file,
+    a checkpoint of another job (its ``freekd.job``, or its keys), of another model (other
+    entries or shapes), or saved with another optimizer or learning-rate schedule (the rate
+    would jump at the resumed step). Raises ``ValueError`` naming the file and the fix."""
+    path = Path(path)
+    checkpoint = read_torch_file(
+        path,
+        "checkpoint",
+        fix="resume from another checkpoint of the run (checkpoints/step=*.ckpt), or start "
+        "afresh with force=True",
+    )
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise ValueError(
+            f"cannot resume from {str(path)!r}: it is not a Lightning checkpoint of a training "
+            f"run (no 'state_dict'; model weights?): resume from a run's checkpoints/last.ckpt"
+        )
+    expected_job, job = getattr(module, "job_name", None), checkpoint_job(checkpoint)
+    if expected_job is not None and job is not None and job != expected_job:
+        raise ValueError(
+            f"cannot resume from {str(path)!r}: this is a {job} checkpoint, not a {expected_job} "
+            f"one: resume from a checkpoint of the {expected_job} run, or start it without "
+            f"resuming"
+        )
+    saved = checkpoint["state_dict"]
+    state = module.state_dict()
+    differ = sorted(set(saved) ^ set(state))
+    differ += [
+        f"{k} {tuple(saved[k].shape)} -> {tuple(v.shape)}"
+        for k, v in state.items()
+        if k in saved and hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(v.shape)
+    ]
+    if differ:
+        shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+        raise ValueError(
+            f"cannot resume from {str(path)!r}: it holds another model than this run builds "
+            f"({len(differ)} entries differ: {shown}): resume with the settings the run was "
+            f"started with (its config.yaml), or start afresh with force=True"
+        )
+    recorded = checkpoint.get("freekd")
+    optim = getattr(module, "optim_config", None)
+    schedule = getattr(module, "schedule_config", None)
+    if not isinstance(recorded, Mapping) or optim is None or schedule is None:
+        return
+    changes = _differences(recorded.get("optimizer", {}), dataclasses.asdict(optim), "optimizer")
+    changes += _differences(recorded.get("schedule", {}), dataclasses.asdict(schedule), "schedule")
+    if changes:
+        raise ValueError(
+            f"cannot resume from {str(path)!r}: the run was started with another optimizer or "
+            f"schedule ({'; '.join(changes)}), and the learning rate would jump at the resumed "
+            f"step: resume with the settings it was started with (its config.yaml), or start "
+            f"afresh with force=True"
+        )
 
 
 def _prepare_run_dir(run_dir: Path, resuming: bool, force: bool) -> None:
@@ -219,14 +446,23 @@ def fit(
         force: clear a non-empty ``run_dir`` for a fresh run (otherwise ``FileExistsError``).
         callbacks: more Lightning callbacks.
 
-    Raises ``KeyboardInterrupt`` after a Ctrl-C, once the checkpoint of the step in progress is
-    written (``resume="last"`` continues from it).
+    Raises ``KeyboardInterrupt`` after a Ctrl-C and :class:`StoppedBySignal` after a SIGTERM,
+    once the checkpoint of the step in progress is written (``resume="last"`` continues from
+    it); ``ValueError`` before anything starts for devices this machine cannot honour and for
+    a checkpoint that cannot be resumed as this run (:func:`check_resume_checkpoint`).
     """
     config = config or TrainConfig()
+    check_devices(config.accelerator, config.devices, config.num_nodes)
     run_dir = Path(config.run_dir)
     checkpoint = resolve_resume(resume, run_dir)
-    if _launching_process():
-        _prepare_run_dir(run_dir, resuming=checkpoint is not None, force=force)
+    if checkpoint is not None and "://" not in str(checkpoint):
+        check_resume_checkpoint(checkpoint, module)
+    if not is_rank_zero():
+        _exit_with_launcher()
+    elif checkpoint is None and resume is not None:  # "auto" in a folder without checkpoint
+        logger.warning("no checkpoint in %s yet: starting this job fresh", run_dir / "checkpoints")
+    if is_rank_zero():
+        _prepare_run_dir(run_dir, resuming=resume is not None, force=force)
     pl.seed_everything(config.seed, workers=True, verbose=False)
     for index, loader in enumerate([train_loader, *_as_list(val_loader)]):
         _own_generator(loader, config.seed + index)
@@ -261,12 +497,16 @@ def fit(
     except SystemExit as error:
         # Lightning turns a KeyboardInterrupt it caught into sys.exit(1), after the callbacks'
         # on_exception (StepCheckpoint wrote interrupted.ckpt); give the caller the interrupt.
-        # (Lightning's SIGTERMException is a SystemExit subclass: it passes through.)
         if type(error) is SystemExit and trainer.interrupted:
             raise KeyboardInterrupt(
                 f"interrupted at step {trainer.global_step}; the last complete checkpoint is "
                 f"{run_dir / 'checkpoints' / 'last.ckpt'}"
             ) from None
+        # Lightning's SIGTERMException is a SystemExit with status 0: say where it stopped and
+        # exit with 143, as a process killed by SIGTERM does.
+        if isinstance(error, SIGTERMException) and not isinstance(error, StoppedBySignal):
+            last = run_dir / "checkpoints" / "last.ckpt"
+            raise StoppedBySignal(trainer.global_step, last if last.is_file() else None) from None
         raise
     finally:
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
@@ -281,6 +521,8 @@ def fit(
             f"stopped by Ctrl-C at step {trainer.global_step}; the checkpoint is {last}: continue "
             f"with resume='last'"
         )
+    if step_checkpoint.stopped_by == "SIGTERM" and trainer.global_step < config.max_steps:
+        raise StoppedBySignal(trainer.global_step, last if last.is_file() else None)
     metrics = {
         name: float(value)
         for name, value in trainer.logged_metrics.items()
