@@ -13,13 +13,22 @@ holds, 1 otherwise.
 step ``K`` (0-based); every process must skip that step (they agree through an all-reduce), so
 the students stay equal, no weight changes at step ``K`` and the run goes on to the end. The
 report then also holds ``skipped_per_rank`` and ``weights_kept_at_poisoned_step``.
+
+``--poison-step K --raise`` (``nonfinite="raise"``): every process must raise
+``NonFiniteError`` at step ``K`` (none waits for the other in a collective); the report holds
+``raised_at_step`` per rank. ``--bare-poison-step K``: the same without Lightning, in a plain
+DDP loop (2 processes started with ``torch.multiprocessing``, gradients all-reduced by hand)
+that agrees through :func:`freekd.distill.all_ranks_finite`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -29,7 +38,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from freekd import FreeKDLoss
-from freekd.distill import Distiller
+from freekd.distill import Distiller, NonFiniteError, all_ranks_finite, nonfinite_message
 from freekd.train import (
     DistillModule,
     OptimConfig,
@@ -204,6 +213,65 @@ def compare(
     return report
 
 
+def _write_raised(out: Path, rank: int, step: int, message: str) -> None:
+    text = json.dumps({"rank": rank, "step": step, "message": message})
+    (out / f"raised-rank{rank}.json").write_text(text)
+
+
+def _raise_report(out: Path, world_size: int, poison_step: int, wait: float = 60.0) -> dict:
+    """Process 0: wait for every rank's ``raised-rank<r>.json`` and compare the steps."""
+    deadline = time.monotonic() + wait
+    files = [out / f"raised-rank{r}.json" for r in range(world_size)]
+    while not all(f.is_file() for f in files) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    raised = [json.loads(f.read_text()) if f.is_file() else None for f in files]
+    steps = [r["step"] if r else None for r in raised]
+    return {
+        "world_size": world_size,
+        "raised_at_step": steps,
+        "messages": [r["message"] if r else None for r in raised],
+        "ok": steps == [poison_step] * world_size,
+    }
+
+
+def _bare_worker(rank: int, out: Path, world_size: int, steps: int, poison_step: int) -> None:
+    """One process of a plain DDP loop (no Lightning): NaN images on rank 0 at
+    ``poison_step``; every rank must raise there, agreeing through ``all_ranks_finite``."""
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"file://{out / 'rendezvous'}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),  # a rank left waiting fails the check instead of hanging
+    )
+    try:
+        distiller = build_module(nonfinite="raise").distiller.train()
+        parameters = distiller.trainable_parameters()
+        optimizer = torch.optim.SGD(parameters, lr=0.05)
+        data = IndexedImages()
+        for step in range(steps):
+            images = data.images[2 * step : 2 * step + 2].clone()
+            batch = (images, data.labels[2 * step : 2 * step + 2], [2 * step, 2 * step + 1])
+            if rank == 0 and step == poison_step:
+                images.fill_(float("nan"))
+            terms = distiller(batch, raise_nonfinite=False)
+            if not all_ranks_finite(terms):
+                sources = distiller.last_nonfinite or ["loss term of another process"]
+                raise NonFiniteError(nonfinite_message(sources), sources)
+            optimizer.zero_grad()
+            sum(terms.values()).backward()
+            for parameter in parameters:
+                if parameter.grad is not None:
+                    torch.distributed.all_reduce(parameter.grad)
+                    parameter.grad /= world_size
+            optimizer.step()
+        _write_raised(out, rank, -1, "no error")
+    except NonFiniteError as error:
+        _write_raised(out, rank, step, str(error))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -215,9 +283,34 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="give process 0 NaN images at this step (0-based); runs with nonfinite='skip'",
     )
+    parser.add_argument(
+        "--raise",
+        dest="raise_nonfinite",
+        action="store_true",
+        help="with --poison-step: nonfinite='raise', every process must raise at that step",
+    )
+    parser.add_argument(
+        "--bare-poison-step",
+        type=int,
+        default=None,
+        help="a plain DDP loop without Lightning, NaN on process 0 at this step: every "
+        "process must raise there (freekd.distill.all_ranks_finite)",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    module = build_module(nonfinite="raise" if args.poison_step is None else "skip")
+    if args.bare_poison_step is not None:
+        torch.multiprocessing.spawn(
+            _bare_worker,
+            args=(args.out, args.devices, args.steps, args.bare_poison_step),
+            nprocs=args.devices,
+            join=True,
+        )
+        report = _raise_report(args.out, args.devices, args.bare_poison_step, wait=1.0)
+        print(json.dumps(report))
+        return 0 if report["ok"] else 1
+    raising = args.poison_step is not None and args.raise_nonfinite
+    nonfinite = "raise" if args.poison_step is None or raising else "skip"
+    module = build_module(nonfinite=nonfinite)
     initial_student = {
         k: v.detach().clone() for k, v in module.distiller.student.state_dict().items()
     }
@@ -235,6 +328,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     loader = make_train_loader(IndexedImages(), batch_size=2, seed=3)
     recorder = RecordRank(args.out, args.poison_step)
+    if raising:
+        rank = int(os.environ.get("LOCAL_RANK", "0"))
+        try:
+            fit(module, loader, config=config, callbacks=[recorder])
+            _write_raised(args.out, rank, -1, "no error")
+        except NonFiniteError as error:
+            _write_raised(args.out, rank, module.global_step, str(error))
+        if rank != 0:
+            return 0
+        report = _raise_report(args.out, args.devices, args.poison_step)
+        print(json.dumps(report))
+        return 0 if report["ok"] else 1
     result = fit(module, loader, config=config, callbacks=[recorder])
     if result.trainer.global_rank != 0:
         return 0
