@@ -395,9 +395,25 @@ class Method:
     plus_mse: bool = False
 
     def prompt_key(self) -> str:
-        text = json.dumps({"freekd": self.freekd, "tuner": self.tuner}, sort_keys=True)
+        """Hash of what stage 1 depends on (stage-2-only settings share the prompts)."""
+        stage1 = {k: v for k, v in self.freekd.items() if k not in STAGE2_ONLY}
+        text = json.dumps({"freekd": stage1, "tuner": self.tuner}, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:10]
 
+
+#: FreeKDLoss settings that only stage 2 reads: variants differing only in them share prompts.
+STAGE2_ONLY = frozenset(
+    {
+        "relational",
+        "relation_temperature",
+        "relation_source",
+        "include_low",
+        "band_weighting",
+        "decoupled",
+        "student_masks",
+        "student_mask_warmup",
+    }
+)
 
 STABLE = dict(
     preset="paper",
@@ -1167,14 +1183,19 @@ def _atomic_save(obj: Any, path: Path) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-PHASES = ("plateau", "sweep", "seeds", "ablations", "all")
+PHASES = ("prompts", "plateau", "sweep", "seeds", "ablations", "all")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--out", type=Path, help="cache folder (default runs/quality_v2/PRESET)")
-    parser.add_argument("--phase", choices=PHASES, default="all", help="run up to this phase")
+    parser.add_argument(
+        "--phase",
+        choices=PHASES,
+        default="all",
+        help="run up to this phase (prompts: only stage 1 of every FreeKD variant)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="students trained at once")
     parser.add_argument("--threads", type=int, help="torch threads of this process")
     parser.add_argument(
@@ -1204,6 +1225,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bench.sizes,
         bench.levels,
     )
+    if args.phase == "prompts":
+        for name in (*bench.protocol.methods, *bench.protocol.ablations):
+            bench.prompts(name)
+        return {}
     bench.student_steps()
     chosen: dict[str, float] = {}
     seeds: list[dict] = []
