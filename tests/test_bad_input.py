@@ -785,6 +785,15 @@ def _text_file_as_weights(project: Project, folder: Path) -> Outcome:
     return in_process("evaluate", "-c", project.config, "-m", "teacher", "--checkpoint", text)
 
 
+def _corrupt_image_in_a_worker(project: Project, folder: Path) -> Outcome:
+    """A corrupt image read by a DataLoader worker process (torch re-raises its error with
+    the worker's traceback as text)."""
+    image = _in_place(garbled)(_segmentation_folder(folder)[0])
+    extra = _data_folder(project, image).replace("data: {", "data: {num_workers: 1, ")
+    config = project.config_with(folder, extra)
+    return in_process("evaluate", "-c", config, "-m", "teacher")
+
+
 def _offline_backbone(project: Project, folder: Path) -> Outcome:
     config = project.config_with(folder)
     with offline(folder):
@@ -923,6 +932,16 @@ CLI_CASES = [
             r"teacher.pt' is not a file written by torch.save \(it starts with b'these a",
             r"pass a .pt / .pth / .ckpt written by torch.save, or a .safetensors file",
         ),
+    ),
+    CliCase(
+        "6",
+        "a garbled image read by a DataLoader worker (data.num_workers: 1)",
+        _corrupt_image_in_a_worker,
+        (
+            r"^freekd: error: cannot read image .*data/images/0.png: cannot identify image",
+            r"re-export it as PNG or JPEG\)$",
+        ),
+        absent=("Traceback", "DataLoader worker"),
     ),
     CliCase(
         "7",
@@ -1109,6 +1128,19 @@ def test_every_schedule_follows_its_jobs_steps(project, tmp_path):
     recorded = torch.load(project.prompts_ckpt, weights_only=True)["freekd"]
     assert recorded["job"] == "tune-prompts"
     assert recorded["schedule"]["kind"] == "cosine" and recorded["schedule"]["total_steps"] == 4
+
+
+def test_a_constant_schedule_still_resumes_for_more_steps(project, tmp_path):
+    """Row 10's check refuses what changes the learning rate, not a longer run: the teacher's
+    constant schedule (2 steps done) continues to 3."""
+    import shutil
+
+    shutil.copytree(project.run_dir / "teacher", tmp_path / "run" / "teacher")
+    config = project.config_with(tmp_path)
+    result = invoke("train-teacher", "-c", config, "--resume", "--set", "teacher.train.steps=3")
+    assert result.exit_code == 0, result.output
+    last = torch.load(tmp_path / "run" / "teacher" / "checkpoints" / "last.ckpt", mmap=True)
+    assert last["global_step"] == 3 and last["freekd"]["job"] == "train-teacher"
 
 
 def test_a_batch_of_per_image_dicts_reaches_the_models_whole():
@@ -1429,6 +1461,7 @@ if __name__ == "__main__":  # the tables of messages, for the docs and reports
         for index, cli_case in enumerate(CLI_CASES):
             if cli_case.gpu_free and torch.cuda.is_available():
                 continue
+            (Path(folder) / f"case{index}").mkdir()
             outcome = cli_case.run(tiny, Path(folder) / f"case{index}")
             line = outcome.line.replace(folder, "<tmp>")
             print(_table_row(cli_case.row, cli_case.name, outcome.exit_code, line))

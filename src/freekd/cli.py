@@ -229,6 +229,7 @@ _CLI_WORDS: tuple[tuple[str, str], ...] = (
     ),
     (r"pass prefix= to choose", "pass a file that holds one model (e.g. a job's .safetensors)"),
     (r"save it again with FreeKDLoss\.save_prompts, or tune", "tune"),
+    (r"start it without resuming", "start it without --resume / --resume-from"),
 )
 
 
@@ -277,17 +278,19 @@ def _echo(text: str) -> None:
 def _run(job: Callable[[], Any]) -> Any:
     """Run ``job``; user errors -> one line on stderr and exit status 2; a Ctrl-C (130) or a
     SIGTERM (143) -> one line saying where it stopped and how to resume."""
-    from .train.runner import StoppedBySignal
+    from .train.runner import StoppedBySignal, is_rank_zero
 
     try:
         _quiet_libraries()
         return job()
-    except StoppedBySignal as stopped:
-        typer.echo(f"freekd{_rank_tag()}: {cli_words(stopped.message)}", err=True)
+    except StoppedBySignal as stopped:  # every process stops: rank 0 says so
+        if is_rank_zero():
+            typer.echo(f"freekd: {cli_words(stopped.message)}", err=True)
         raise typer.Exit(EXIT_TERMINATED) from None
     except KeyboardInterrupt as interrupt:
         detail = f": {_message(interrupt)}" if str(interrupt) else ""
-        typer.echo(f"freekd{_rank_tag()}: interrupted{detail}", err=True)
+        if is_rank_zero():
+            typer.echo(f"freekd: interrupted{detail}", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except Exception as error:
         if _STATE["debug"] or not _is_user_error(error):

@@ -257,11 +257,32 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_SCHEDULE_FIELDS = {
+    "constant": (),
+    "step": ("milestones", "gamma"),
+    "poly": ("total_steps", "power", "min_lr"),
+    "cosine": ("total_steps", "min_lr"),
+}
+_OPTIMIZER_FIELDS = {"sgd": ("momentum",), "adam": ("betas",), "adamw": ("betas",)}
+
+
 def _differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str) -> list[str]:
+    """The settings of an optimizer (``prefix="optimizer"``) or schedule that differ between
+    a checkpoint and this run, among those that change the learning rate or the update (a
+    constant schedule's ``total_steps`` does not: such a run may be resumed for more steps)."""
+    if prefix == "schedule":
+        keys = (
+            "kind",
+            "warmup_steps",
+            "warmup_ratio",
+            *_SCHEDULE_FIELDS.get(saved.get("kind"), ()),
+        )
+    else:
+        keys = ("name", "lr", "weight_decay", *_OPTIMIZER_FIELDS.get(saved.get("name"), ()))
     return [
         f"{prefix}.{key} {saved[key]!r} -> {current.get(key)!r}"
-        for key in saved
-        if key in current and _plain(saved[key]) != _plain(current[key])
+        for key in keys
+        if key in saved and key in current and _plain(saved[key]) != _plain(current[key])
     ]
 
 
