@@ -51,7 +51,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -644,8 +644,10 @@ def train_student(
     levels: list[int],
     evaluate_every: int | None = None,
     constant_lr: bool = False,
+    stop_when: Callable[[list[list[float]]], bool] | None = None,
 ) -> dict[str, Any]:
-    """Train one student; returns its selection and test mIoU (and the curve, if asked)."""
+    """Train one student; returns its selection and test mIoU (and the selection curve every
+    ``evaluate_every`` steps, if asked; ``stop_when(curve)`` true ends the run early)."""
     method = METHODS[name]
     channels = [protocol.teacher_pyramid] * len(protocol.taps)
     loss = None if method.kind == "none" else make_loss(method, channels, levels, prompts)
@@ -669,6 +671,8 @@ def train_student(
         if evaluate_every and (step + 1) % evaluate_every == 0:
             curve.append([step + 1, miou(student.model, data["selection"])])
             log.info("  %s step %d: selection mIoU %.2f", name, step + 1, curve[-1][1])
+            if stop_when is not None and stop_when(curve):
+                break
     student.taps.remove()
     result = {
         "method": name,
@@ -767,6 +771,7 @@ class Bench:
                 self.levels,
                 evaluate_every=self.protocol.plateau_every,
                 constant_lr=True,
+                stop_when=lambda curve: plateau_steps(curve)["reached"],
             )
             record = {"curve": result["curve"], **plateau_steps(result["curve"])}
             _write_json(record, path)
