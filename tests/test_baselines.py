@@ -14,8 +14,14 @@ from freekd.losses import (
     BASELINES,
     ChannelWiseDistillation,
     FeatureMSE,
+    FreeKDLoss,
     FrequencyL1,
+    LayerwiseLoss,
     MaskedGenerativeDistillation,
+    build_loss,
+    loss_class,
+    loss_names,
+    register_loss,
 )
 
 
@@ -176,3 +182,67 @@ def test_bad_arguments_are_named():
         FrequencyL1(relational=True)
     with pytest.raises(ValueError, match="channels"):
         MaskedGenerativeDistillation([3])([torch.zeros(1, 4, 2, 2)], [torch.zeros(1, 4, 2, 2)])
+
+
+def test_every_loss_is_registered_under_the_pipeline_names():
+    assert loss_names() == ("freekd", "mse", "cwd", "mgd", "frequency")
+    assert dict(BASELINES) == {
+        "mse": FeatureMSE,
+        "cwd": ChannelWiseDistillation,
+        "mgd": MaskedGenerativeDistillation,
+        "frequency": FrequencyL1,
+    }
+    assert loss_class("freekd") is FreeKDLoss
+    for cls in (FreeKDLoss, *BASELINES.values()):
+        assert issubclass(cls, LayerwiseLoss)
+    assert isinstance(build_loss("cwd", tau=2.0), ChannelWiseDistillation)
+    with pytest.raises(ValueError, match=r"unknown loss 'cdw' \(did you mean 'cwd'\?\)"):
+        loss_class("cdw")
+
+
+def test_a_registered_loss_reaches_build_loss_baselines_and_the_pipeline():
+    from freekd.losses import base
+    from freekd.pipeline.config import DistillSection
+
+    @register_loss("test-sum-l1")
+    class SumL1(LayerwiseLoss):
+        def __init__(self, channels=None, scale: float = 1.0) -> None:
+            super().__init__()
+            self.channels, self.scale = channels, scale
+
+        def layer_loss(self, index, student, teacher):
+            return self.scale * (student[index] - teacher[index]).abs().sum()
+
+    try:
+        assert "test-sum-l1" in BASELINES and "test-sum-l1" in loss_names()
+        loss = build_loss("test-sum-l1", scale=2.0)
+        student, teacher = [torch.zeros(1, 2, 2, 2)], [torch.ones(1, 2, 2, 2)]
+        assert loss(student, teacher).item() == 16.0
+        assert set(loss.last_terms) == {"layer0"}
+        assert DistillSection(method="test-sum-l1").method == "test-sum-l1"
+        with pytest.raises(ValueError, match="is taken by"):
+            register_loss("test-sum-l1")(FeatureMSE)
+        with pytest.raises(TypeError, match="LayerwiseLoss subclass"):
+            register_loss("test-module")(nn.Identity)
+    finally:
+        base._LOSSES.pop("test-sum-l1", None)
+    assert "test-sum-l1" not in BASELINES
+
+
+def test_the_base_upcasts_checks_and_weights_every_loss():
+    class Plain(LayerwiseLoss):
+        loss_weight = 3.0
+
+        def layer_loss(self, index, student, teacher):
+            assert student[index].dtype == torch.float32 and not teacher[index].requires_grad
+            return (student[index] - teacher[index]).sum()
+
+    student = [torch.ones(1, 1, 2, 2, dtype=torch.bfloat16, requires_grad=True)]
+    teacher = [torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16, requires_grad=True)]
+    total = Plain()(student, teacher)
+    assert total.dtype == torch.float32 and total.item() == 12.0
+    assert Plain().last_terms == {}
+    with pytest.raises(TypeError, match="Plain: student_feats must be a list"):
+        Plain()(student[0], teacher)
+    with pytest.raises(NotImplementedError, match="layer_loss"):
+        LayerwiseLoss()(student, teacher)

@@ -9,7 +9,7 @@ import torch
 from naive_freekd import naive_freekd_loss, naive_token_mask, naive_wavedec2
 
 from freekd import FreeKDLoss, dwt2
-from freekd.losses.freekd import _MaskedBandL1
+from freekd.losses.base import _MaskedBandL1
 
 SHAPES = [(16, 24), (8, 12), (5, 7)]  # fine to coarse, odd sizes included
 

@@ -2,17 +2,67 @@
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
 
 from torch import Tensor
 
+__all__ = [
+    "check_channel_list",
+    "check_choice",
+    "check_feature_lists",
+    "check_nonnegative_int",
+    "check_positive_float",
+    "check_positive_int",
+    "did_you_mean",
+    "preview",
+    "quoted",
+]
 
-def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    """Raise a ``ValueError`` naming ``name``, the bad ``value`` and the valid ``choices``."""
-    if value not in choices:
-        options = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"unknown {name} {value!r}; choose one of {options}")
+Choice = TypeVar("Choice")
+
+
+def quoted(choices: Iterable[object]) -> str:
+    """The choices as a message lists them: ``"'a', 'b', 'c'"``."""
+    return ", ".join(repr(c) for c in choices)
+
+
+def did_you_mean(value: object, choices: Iterable[object], cutoff: float = 0.6) -> str:
+    """``" (did you mean 'x'?)"`` for the choice closest to ``value`` (difflib, at least
+    ``cutoff`` similar), or ``""`` when none is close."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=cutoff)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Choice]) -> Choice:
+    """``value`` when it is one of ``choices``.
+
+    Raises:
+        ValueError: "unknown {name} {value!r} (did you mean 'x'?); choose one of 'a', 'b'",
+            the hint only when a choice is close.
+
+    Example:
+        >>> check_choice("granularity", "band", ("level", "band"))
+        'band'
+        >>> check_choice("granularity", "bands", ("level", "band"))
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown granularity 'bands' (did you mean 'band'?); choose one of ...
+    """
+    if value in choices:
+        return value
+    raise ValueError(
+        f"unknown {name} {value!r}{did_you_mean(value, choices)}; choose one of {quoted(choices)}"
+    )
+
+
+def preview(items: Sequence[Any], count: int = 5) -> str:
+    """The first ``count`` items, joined, and how many more: ``"a, b, c and 4 more"``."""
+    shown = ", ".join(str(item) for item in items[:count])
+    more = len(items) - count
+    return shown + (f" and {more} more" if more > 0 else "")
 
 
 def check_positive_int(name: str, value: object) -> None:

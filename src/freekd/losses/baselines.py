@@ -30,13 +30,20 @@ from torch import Tensor, nn
 from .._checks import (
     check_channel_list,
     check_choice,
-    check_feature_lists,
     check_positive_float,
     check_positive_int,
 )
 from ..relation import RELATION_SOURCES, RelationalGate, RelationSource
 from ..wavelets import dwt2, wavelet_filters
-from .freekd import Relational, _compute_dtype, _masked_band_l1, _relational_setting
+from .base import (
+    BASELINES,
+    LayerwiseLoss,
+    Relational,
+    channel_weight,
+    masked_band_l1,
+    register_loss,
+    relational_setting,
+)
 
 __all__ = [
     "BASELINES",
@@ -47,27 +54,8 @@ __all__ = [
 ]
 
 
-class _LayerwiseLoss(nn.Module):
-    """Checks the inputs, upcasts them with autocast off and sums :meth:`layer_loss` over the
-    layers; ``last_terms`` maps ``"layer{i}"`` to each (detached) term."""
-
-    channels: list[int] | None = None
-
-    def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
-        check_feature_lists(type(self).__name__, student_feats, teacher_feats, self.channels)
-        dtype = _compute_dtype(student_feats, teacher_feats)
-        with torch.autocast(device_type=teacher_feats[0].device.type, enabled=False):
-            teacher = [t.detach().to(dtype) for t in teacher_feats]
-            student = [s.to(dtype) for s in student_feats]
-            terms = [self.layer_loss(i, student, teacher) for i in range(len(teacher))]
-        self.last_terms = {f"layer{i}": term.detach() for i, term in enumerate(terms)}
-        return torch.stack(terms).sum()
-
-    def layer_loss(self, index: int, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
-        raise NotImplementedError
-
-
-class FeatureMSE(_LayerwiseLoss):
+@register_loss("mse")
+class FeatureMSE(LayerwiseLoss):
     """FitNet: ``mean over [N, C, H, W] of (s - t)^2`` per layer, summed over layers. (Also the
     official RetinaNet recipe's extra spatial term, at weight 5.)"""
 
@@ -75,7 +63,8 @@ class FeatureMSE(_LayerwiseLoss):
         return F.mse_loss(student[index], teacher[index])
 
 
-class ChannelWiseDistillation(_LayerwiseLoss):
+@register_loss("cwd")
+class ChannelWiseDistillation(LayerwiseLoss):
     """CWD: per channel, ``p = softmax(F / tau)`` over the ``H*W`` positions;
     ``tau^2 / (N*C) * sum over n, c, positions of p_t * (log p_t - log p_s)`` per layer.
 
@@ -98,7 +87,8 @@ class ChannelWiseDistillation(_LayerwiseLoss):
         return f"tau={self.tau}"
 
 
-class MaskedGenerativeDistillation(_LayerwiseLoss):
+@register_loss("mgd")
+class MaskedGenerativeDistillation(LayerwiseLoss):
     """MGD: ``alpha * sum((G(s * m) - t)^2) / N`` per layer.
 
     ``m: [N, 1, H, W]`` is 0 at a random ``mask_ratio`` of the positions (drawn from the global
@@ -137,7 +127,8 @@ class MaskedGenerativeDistillation(_LayerwiseLoss):
         return f"alpha={self.alpha}, mask_ratio={self.mask_ratio}"
 
 
-class FrequencyL1(_LayerwiseLoss):
+@register_loss("frequency")
+class FrequencyL1(LayerwiseLoss):
     """FreeKD without prompts: per layer, ``sum over levels j of mean over [N, C, 3, h_j, w_j]
     of omega * |dwt2(F_t) - dwt2(F_s)|`` (plus the low band's mean over ``[N, C, h_J, w_J]``),
     over every position: FreeKD's reduction with every mask 1.
@@ -161,7 +152,7 @@ class FrequencyL1(_LayerwiseLoss):
         super().__init__()
         check_positive_int("levels", levels)
         wavelet_filters(wavelet)
-        relational_kind = _relational_setting(relational)
+        relational_kind = relational_setting(relational)
         temperature = check_positive_float("relation_temperature", relation_temperature)
         check_choice("relation_source", relation_source, RELATION_SOURCES)
         self.levels, self.wavelet = levels, wavelet
@@ -182,15 +173,7 @@ class FrequencyL1(_LayerwiseLoss):
             self.channels = check_channel_list("FrequencyL1", channels)
 
     def layer_loss(self, index: int, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
-        omega = None
-        if self.gates is not None:
-            has_next = index + 1 < len(teacher)
-            omega = self.gates[index](
-                teacher[index],
-                student[index].detach(),
-                teacher[index + 1] if has_next else None,
-                student[index + 1].detach() if has_next else None,
-            )
+        omega = channel_weight(self.gates, index, student, teacher)
         with torch.no_grad():
             teacher_low, teacher_highs = dwt2(teacher[index], self.levels, self.wavelet)
         student_low, student_highs = dwt2(student[index], self.levels, self.wavelet)
@@ -198,7 +181,7 @@ class FrequencyL1(_LayerwiseLoss):
         pairs = list(zip(teacher_highs, student_highs, strict=True))
         if self.include_low:
             pairs.append((teacher_low, student_low))
-        terms = [_masked_band_l1(t, s, everywhere, omega) for t, s in pairs]
+        terms = [masked_band_l1(t, s, everywhere, omega) for t, s in pairs]
         return torch.stack(terms).sum()
 
     def extra_repr(self) -> str:
@@ -206,12 +189,3 @@ class FrequencyL1(_LayerwiseLoss):
             f"levels={self.levels}, wavelet={self.wavelet!r}, include_low={self.include_low}, "
             f"relational={self.relational_kind!r}"
         )
-
-
-#: The baselines by the names the pipeline's ``distill.method`` uses.
-BASELINES: dict[str, type[nn.Module]] = {
-    "mse": FeatureMSE,
-    "cwd": ChannelWiseDistillation,
-    "mgd": MaskedGenerativeDistillation,
-    "frequency": FrequencyL1,
-}

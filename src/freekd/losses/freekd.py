@@ -36,20 +36,35 @@ from torch import Tensor, nn
 from .._checks import (
     check_channel_list,
     check_choice,
-    check_feature_lists,
     check_nonnegative_int,
     check_positive_float,
     check_positive_int,
 )
-from ..prompts import DISSIMILARITIES, GRANULARITIES, MASK_LOGITS, FrequencyPrompt, MaskLogits
-from ..relation import GATES, RELATION_SOURCES, RelationalGate, RelationSource
+from ..prompts import (
+    DISSIMILARITIES,
+    GRANULARITIES,
+    MASK_LOGITS,
+    Dissimilarity,
+    FrequencyPrompt,
+    Granularity,
+    MaskLogits,
+)
+from ..relation import GATES, RELATION_SOURCES, Gate, RelationalGate, RelationSource
 from ..wavelets import WaveletBands, dwt2, wavelet_filters
+from .base import (
+    RELATIONAL_SETTINGS,
+    LayerwiseLoss,
+    Relational,
+    channel_weight,
+    masked_band_l1,
+    masked_band_sum,
+    register_loss,
+    relational_setting,
+)
 
 __all__ = ["BAND_WEIGHTINGS", "PRESETS", "RELATIONAL_SETTINGS", "FreeKDLoss"]
 
-Relational = Literal["off", "raw", "cosine"]
 BandWeighting = Literal["band", "coefficient"]
-RELATIONAL_SETTINGS: tuple[str, ...] = get_args(Relational)
 BAND_WEIGHTINGS: tuple[str, ...] = get_args(BandWeighting)
 
 logger = logging.getLogger("freekd")
@@ -88,52 +103,6 @@ PRESETS: dict[str, dict[str, object]] = {
 _OFFICIAL_KEY = re.compile(r"(?:^|\.)mask_modules\.(\d+)\.mask_token$")
 
 
-class _MaskedBandL1(torch.autograd.Function):
-    """Per-channel masked L1 between a teacher band and a student band.
-
-    ``teacher, student: [N, C, *band]``, ``mask_mean: [N, 1, *band]`` (broadcast over channels
-    and, for ``k = 1``, orientations) -> ``[N, C]``: ``sum over band of mask_mean * |t - s|``.
-    Gradient for the student only (the teacher and the masks are constants). Written by hand so
-    that forward and backward each allocate one band-sized temporary instead of three.
-    """
-
-    @staticmethod
-    def forward(ctx, teacher: Tensor, student: Tensor, mask_mean: Tensor) -> Tensor:
-        diff = teacher - student
-        per_channel = (diff.abs() * mask_mean).flatten(2).sum(dim=2)
-        ctx.save_for_backward(diff, mask_mean)
-        return per_channel
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[None, Tensor | None, None]:
-        if not ctx.needs_input_grad[1]:
-            return None, None, None
-        diff, mask_mean = ctx.saved_tensors
-        scale = grad.neg().view(*grad.shape, *([1] * (diff.dim() - 2)))
-        return None, diff.sign().mul_(mask_mean).mul_(scale), None
-
-
-def _compute_dtype(*feature_lists: Sequence[Tensor]) -> torch.dtype:
-    """float64 when any feature is float64, else float32: half-precision features are upcast
-    (the masks' logits and the sums need the range), mixed dtypes meet in one."""
-    dtypes = {f.dtype for feats in feature_lists for f in feats}
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
-def _masked_band_sum(teacher: Tensor, student: Tensor, mask_mean: Tensor, omega: Tensor | None):
-    """``sum over [N, C, *band] of omega * mask_mean * |teacher - student|`` (scalar)."""
-    per_channel = _MaskedBandL1.apply(teacher, student, mask_mean)
-    if omega is not None:
-        per_channel = per_channel * omega
-    return per_channel.sum()
-
-
-def _masked_band_l1(teacher: Tensor, student: Tensor, mask_mean: Tensor, omega: Tensor | None):
-    """``mean over [N, C, *band] of omega * mask_mean * |teacher - student|`` (scalar)."""
-    return _masked_band_sum(teacher, student, mask_mean, omega) / teacher.numel()
-
-
 def _band_l2(teacher: Tensor, student: Tensor, omega: Tensor | None) -> Tensor:
     """``mean over [N, C, h, w] of omega * (teacher - student)^2`` (scalar): FreeKD+'s low-band
     term. ``teacher, student: [N, C, h, w]``, ``omega: [N, C]`` or ``None`` (1)."""
@@ -141,15 +110,6 @@ def _band_l2(teacher: Tensor, student: Tensor, omega: Tensor | None) -> Tensor:
     if omega is not None:
         per_channel = per_channel * omega
     return per_channel.sum() / teacher.numel()
-
-
-def _relational_setting(relational: object) -> str:
-    """``relational`` as one of :data:`RELATIONAL_SETTINGS` (``True`` is ``"raw"``, ``False``
-    ``"off"``); a ``ValueError`` naming the setting otherwise."""
-    if isinstance(relational, bool):
-        return "raw" if relational else "off"
-    check_choice("relational (or True / False)", relational, RELATIONAL_SETTINGS)
-    return str(relational)
 
 
 def _layer_levels(levels: object, count: int) -> list[int]:
@@ -172,7 +132,8 @@ def _layer_levels(levels: object, count: int) -> list[int]:
     return [int(value) for value in levels]
 
 
-class FreeKDLoss(nn.Module):
+@register_loss("freekd")
+class FreeKDLoss(LayerwiseLoss):
     """FreeKD loss over several distilled layers (ordered fine to coarse).
 
     The prompts (``self.prompts[i]``, one :class:`~freekd.prompts.FrequencyPrompt` per layer) are
@@ -227,12 +188,12 @@ class FreeKDLoss(nn.Module):
         num_prompts: int = 2,
         levels: int | Sequence[int] = 3,
         wavelet: str = "haar",
-        granularity: Literal["level", "band"] = "band",
-        dissimilarity: Literal["jaccard", "dice"] = "jaccard",
+        granularity: Granularity = "band",
+        dissimilarity: Dissimilarity = "jaccard",
         relational: bool | Relational = True,
         include_low: bool = False,
         loss_weight: float = 1.0,
-        gate: Literal["parameter-free", "mlp"] = "parameter-free",
+        gate: Gate = "parameter-free",
         *,
         mask_logits: MaskLogits = "raw",
         relation_temperature: float = 0.1,
@@ -251,7 +212,7 @@ class FreeKDLoss(nn.Module):
         check_choice("dissimilarity", dissimilarity, DISSIMILARITIES)
         check_choice("gate", gate, GATES)
         check_choice("mask_logits", mask_logits, MASK_LOGITS)
-        relational_kind = _relational_setting(relational)
+        relational_kind = relational_setting(relational)
         temperature = check_positive_float("relation_temperature", relation_temperature)
         check_choice("relation_source", relation_source, RELATION_SOURCES)
         check_choice("band_weighting", band_weighting, BAND_WEIGHTINGS)
@@ -297,7 +258,6 @@ class FreeKDLoss(nn.Module):
         )
         if self.student_masks:
             self.register_buffer("student_mask_calls", torch.zeros((), dtype=torch.long))
-        self.last_terms: dict[str, Tensor] = {}
         self._untuned_checked = False
 
     # ------------------------------------------------------------------ construction helpers
@@ -395,25 +355,11 @@ class FreeKDLoss(nn.Module):
 
     # ------------------------------------------------------------------ the loss
 
-    def forward(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
-        """``student_feats``, ``teacher_feats``: lists of ``[N, C_i, H_i, W_i]``, fine to coarse,
-        the student's already projected to the teacher's shape. Returns the weighted scalar sum
-        over layers, computed in float32 (float64 for float64 input), also under autocast."""
-        self._check_features(student_feats, teacher_feats)
+    def layer_options(self) -> dict[str, bool]:
+        """Once per call, before the layers: warn about untuned prompts (once) and decide
+        whether this call refines the masks with the student's (``student_masks``)."""
         self._warn_if_untuned()
-        refine = self._refine_masks_now()
-        device_type = teacher_feats[0].device.type
-        dtype = _compute_dtype(student_feats, teacher_feats)
-        with torch.autocast(device_type=device_type, enabled=False):
-            teacher = [t.detach().to(dtype) for t in teacher_feats]
-            student = [s.to(dtype) for s in student_feats]
-            terms = [
-                self.layer_loss(i, student, teacher, refine_masks=refine)
-                for i in range(len(teacher))
-            ]
-        total = torch.stack(terms).sum() * self.loss_weight
-        self.last_terms = {f"layer{i}": t.detach() * self.loss_weight for i, t in enumerate(terms)}
-        return total
+        return {"refine_masks": self._refine_masks_now()}
 
     def _refine_masks_now(self) -> bool:
         """Whether this call uses student-refined masks; counts the call in training mode."""
@@ -440,7 +386,7 @@ class FreeKDLoss(nn.Module):
         with torch.no_grad():
             teacher_bands = dwt2(teacher_feat, levels, self.wavelet)
             low_masks, high_masks = prompt.masks(teacher_bands, masked_low)
-        omega = self._channel_weight(index, student, teacher)
+        omega = channel_weight(self.gates, index, student, teacher)
         # Teacher bands serve both the masks and the difference: dwt2 is linear, so
         # dwt2(F_t) - dwt2(F_s) == dwt2(F_t - F_s), and no full-size difference map is made.
         student_bands = dwt2(student_feat, levels, self.wavelet)
@@ -454,27 +400,13 @@ class FreeKDLoss(nn.Module):
         if low_mean is not None:
             triples.append((teacher_low, student_low, low_mean))
         if self.band_weighting == "band":
-            terms = [_masked_band_l1(t, s, mean, omega) for t, s, mean in triples]
+            terms = [masked_band_l1(t, s, mean, omega) for t, s, mean in triples]
         else:
-            sums = [_masked_band_sum(t, s, mean, omega) for t, s, mean in triples]
+            sums = [masked_band_sum(t, s, mean, omega) for t, s, mean in triples]
             terms = [torch.stack(sums).sum() / sum(t.numel() for t, _, _ in triples)]
         if self.decoupled:
             terms.append(_band_l2(teacher_low, student_low, omega))
         return torch.stack(terms).sum()
-
-    def _channel_weight(
-        self, index: int, student: Sequence[Tensor], teacher: Sequence[Tensor]
-    ) -> Tensor | None:
-        """``omega: [N, C]`` of layer ``index`` (``None`` when the relational term is off)."""
-        if self.gates is None:
-            return None
-        has_next = index + 1 < len(teacher)
-        return self.gates[index](
-            teacher[index],
-            student[index].detach(),
-            teacher[index + 1] if has_next else None,
-            student[index + 1].detach() if has_next else None,
-        )
 
     def _refined_means(
         self,
@@ -501,9 +433,6 @@ class FreeKDLoss(nn.Module):
         return refined_highs, refined_low
 
     # ------------------------------------------------------------------ checks
-
-    def _check_features(self, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]):
-        check_feature_lists("FreeKDLoss", student_feats, teacher_feats, self.channels)
 
     def _warn_if_untuned(self) -> None:
         if self._untuned_checked:

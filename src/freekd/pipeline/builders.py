@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..checkpoints import LoadReport
-from ..losses import BASELINES, FreeKDLoss
+from ..losses import FreeKDLoss, loss_class
 from ..taps import FeatureTaps
 from ..train import TrainConfig, make_train_loader, make_val_loader
 from .config import ModelSection, RunConfig
@@ -295,16 +295,18 @@ def build_freekd_loss(config: RunConfig, channels: list[int]) -> FreeKDLoss:
 
 
 def build_baseline_loss(config: RunConfig, channels: list[int]) -> nn.Module:
-    """The loss of ``distill.method`` (not ``freekd``) with ``distill.method_args``."""
+    """The registered loss of ``distill.method`` (not ``freekd``) with ``distill.method_args``
+    (and ``channels``, when its constructor takes them and the arguments do not give them)."""
     method = config.distill.method
-    loss_class = BASELINES[method]
+    cls = loss_class(method)
     args = dict(config.distill.method_args)
-    if method in ("mgd", "frequency") and "channels" not in args:
+    parameters = inspect.signature(cls).parameters
+    if "channels" in parameters and "channels" not in args:
         args["channels"] = channels
     try:
-        return loss_class(**args)
+        return cls(**args)
     except TypeError as error:
-        valid = [n for n in inspect.signature(loss_class).parameters if n != "channels"]
+        valid = [n for n in parameters if n != "channels"]
         raise ValueError(
             f"distill.method_args for method {method!r}: {error}; valid keys: "
             f"{', '.join(valid) or 'none'}"

@@ -28,8 +28,9 @@ from typing import Any, Literal
 
 import yaml
 
+from ..losses import FreeKDLoss, loss_names
 from ..train.config import OptimConfig, ScheduleConfig
-from .schema import ConfigError, from_dict, to_dict
+from .schema import ConfigError, choice_problem, from_dict, to_dict
 
 __all__ = [
     "DataSection",
@@ -183,12 +184,14 @@ class PromptsSection(JobSection):
 class DistillSection:
     """Stage 2: the FreeKD loss (or a baseline loss) and the other distillation terms.
 
-    ``method``: ``freekd`` (default) or a baseline it is compared with, from
-    :data:`freekd.losses.BASELINES`: ``mse`` (FitNet), ``cwd``, ``mgd``, ``frequency`` (FreeKD
-    without prompts); ``method_args`` are the baseline's keyword arguments (``tau``; ``alpha``,
-    ``mask_ratio``; ``levels``, ``wavelet``, ``include_low``, ``relational``). A baseline needs no
-    prompts and writes ``run_dir/student_<method>``; ``mu`` weights it as it weights FreeKD.
-    ``preset``: ``paper`` or ``official`` (:meth:`freekd.FreeKDLoss.preset`), ``loss``: its
+    ``method``: ``freekd`` (default) or another registered loss
+    (:func:`freekd.losses.loss_names`; :func:`freekd.losses.register_loss` adds one), such as
+    the baselines FreeKD is compared with: ``mse`` (FitNet), ``cwd``, ``mgd``, ``frequency``
+    (FreeKD without prompts); ``method_args`` are the baseline's keyword arguments (``tau``;
+    ``alpha``, ``mask_ratio``; ``levels``, ``wavelet``, ``include_low``, ``relational``). A
+    baseline needs no prompts and writes ``run_dir/student_<method>``; ``mu`` weights it as it
+    weights FreeKD. ``preset``: ``paper``, ``official`` or another of
+    :meth:`freekd.FreeKDLoss.presets` (:meth:`freekd.FreeKDLoss.preset`), ``loss``: its
     overrides (``num_prompts``, ``levels``, ``wavelet``, ``granularity``, ``dissimilarity``,
     ``relational``, ``include_low``, ``gate``, ``loss_weight``, ``mask_logits``,
     ``relation_temperature``, ``relation_source``, ``band_weighting``, ``decoupled``,
@@ -202,9 +205,9 @@ class DistillSection:
     ``train/nonfinite_skipped``) or ``off`` (no check).
     """
 
-    method: Literal["freekd", "mse", "cwd", "mgd", "frequency"] = "freekd"
+    method: str = "freekd"
     method_args: dict[str, Any] = field(default_factory=dict)
-    preset: Literal["paper", "official"] = "paper"
+    preset: str = "paper"
     loss: dict[str, Any] = field(default_factory=dict)
     mu: float = 1.0
     projection: Literal["auto", "always", "none"] = "auto"
@@ -217,6 +220,9 @@ class DistillSection:
     nonfinite: Literal["raise", "skip", "off"] = "raise"
 
     def __post_init__(self) -> None:
+        for name, choices in (("method", loss_names()), ("preset", FreeKDLoss.presets())):
+            if getattr(self, name) not in choices:
+                raise ConfigError(name, choice_problem(getattr(self, name), choices))
         for name in ("mu", "mse_weight", "head_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")

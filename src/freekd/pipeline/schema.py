@@ -12,7 +12,6 @@ define ``_prepare(raw) -> raw`` (fill values that depend on others) and its own
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 import types
 import typing
@@ -20,7 +19,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Union
 
-__all__ = ["ConfigError", "check_value", "from_dict", "to_dict"]
+from .._checks import did_you_mean, quoted
+
+__all__ = ["ConfigError", "check_value", "choice_problem", "from_dict", "to_dict"]
 
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
@@ -75,6 +76,12 @@ def _type_name(hint: Any) -> str:
     )
 
 
+def choice_problem(value: Any, choices: tuple[Any, ...]) -> str:
+    """What :class:`ConfigError` says of a ``value`` that is not one of ``choices``: "'x' is not
+    valid (did you mean 'y'?); choose one of 'a', 'b'"."""
+    return f"{value!r} is not valid{did_you_mean(value, choices)}; choose one of {quoted(choices)}"
+
+
 def check_value(hint: Any, value: Any, key: str) -> Any:
     """``value`` checked (and lightly converted) against the type ``hint``; ``ConfigError``
     naming ``key`` otherwise."""
@@ -89,10 +96,7 @@ def check_value(hint: Any, value: Any, key: str) -> Any:
         choices = typing.get_args(hint)
         if value in choices and type(value) in {type(c) for c in choices}:
             return value
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint_text = f" (did you mean {close[0]!r}?)" if close else ""
-        options = ", ".join(repr(c) for c in choices)
-        raise ConfigError(key, f"{value!r} is not valid{hint_text}; choose one of {options}")
+        raise ConfigError(key, choice_problem(value, choices))
     if origin in (Union, types.UnionType):
         errors = []
         for option in typing.get_args(hint):
@@ -155,11 +159,9 @@ def from_dict(cls: type, raw: Any, key: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     for name in raw:
         if name not in fields:
-            close = difflib.get_close_matches(str(name), list(fields), n=1)
-            hint_text = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(
                 _join(key, str(name)),
-                f"unknown key{hint_text}; valid keys here: {', '.join(fields)}",
+                f"unknown key{did_you_mean(name, fields)}; valid keys here: {', '.join(fields)}",
             )
     values = {}
     for name, field in fields.items():
