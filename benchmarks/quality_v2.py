@@ -708,8 +708,16 @@ def combined_with_mse(
 class Bench:
     """The cached phases of one preset."""
 
-    def __init__(self, preset: str, out: Path, workers: int) -> None:
+    def __init__(
+        self, preset: str, out: Path, workers: int, methods: Sequence[str] | None = None
+    ) -> None:
         self.preset, self.protocol = preset, PRESETS[preset]
+        if methods is not None:  # a subset, in the given order (the cache is shared)
+            self.protocol = dataclasses.replace(
+                self.protocol,
+                methods=tuple(m for m in methods if m in self.protocol.methods),
+                ablations=tuple(m for m in methods if m in self.protocol.ablations),
+            )
         self.out, self.workers = out, workers
         self.report_only = False
         self.out.mkdir(parents=True, exist_ok=True)
@@ -1204,6 +1212,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="students trained at once")
     parser.add_argument("--threads", type=int, help="torch threads of this process")
     parser.add_argument(
+        "--methods",
+        help="comma-separated subset of the preset's methods and ablations, run in this order",
+    )
+    parser.add_argument(
         "--report", action="store_true", help="only write the report from the cache"
     )
     parser.add_argument(
@@ -1213,6 +1225,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.out = args.out or Path("runs/quality_v2") / args.preset
+    if args.methods is not None:
+        args.methods = args.methods.split(",")
+        known = (*PRESETS[args.preset].methods, *PRESETS[args.preset].ablations)
+        unknown = [m for m in args.methods if m not in known]
+        if unknown:
+            parser.error(
+                f"unknown methods {unknown} for --preset {args.preset}: choose from {known}"
+            )
     return args
 
 
@@ -1221,7 +1241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     if args.threads:
         torch.set_num_threads(args.threads)
-    bench = Bench(args.preset, args.out, args.workers)
+    bench = Bench(args.preset, args.out, args.workers, args.methods)
     bench.report_only = args.report
     log.info(
         "teacher: selection %.2f, test %.2f mIoU; maps %s, levels %s",
