@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._checks import preview
 from ._io import save_safetensors
 
 __all__ = [
@@ -61,15 +62,10 @@ class LoadReport:
         if self.prefix:
             text += f" (prefix {self.prefix!r} removed)"
         if self.missing:
-            text += f"; {len(self.missing)} missing: {_preview(self.missing)}"
+            text += f"; {len(self.missing)} missing: {preview(self.missing)}"
         if self.unexpected:
-            text += f"; {len(self.unexpected)} unexpected: {_preview(self.unexpected)}"
+            text += f"; {len(self.unexpected)} unexpected: {preview(self.unexpected)}"
         return text
-
-
-def _preview(keys: list[str], count: int = 5) -> str:
-    more = f" and {len(keys) - count} more" if len(keys) > count else ""
-    return ", ".join(keys[:count]) + more
 
 
 def _short(error: BaseException) -> str:
@@ -285,7 +281,7 @@ def load_weights(
     if shape_errors:
         raise ValueError(
             f"checkpoint does not fit the model, shapes differ for {len(shape_errors)} entries: "
-            f"{_preview(shape_errors, 3)}{_holds(source)}: build the model the checkpoint was "
+            f"{preview(shape_errors, 3)}{_holds(source)}: build the model the checkpoint was "
             f"saved from"
         )
     missing = sorted(set(expected) - set(state))
@@ -294,14 +290,14 @@ def load_weights(
     if len(missing) > max_missing * len(expected):
         raise ValueError(
             f"checkpoint misses {len(missing)} of the model's {len(expected)} entries "
-            f"(more than {max_missing:.0%}): {_preview(missing)}{_holds(source)}; it was saved "
+            f"(more than {max_missing:.0%}): {preview(missing)}{_holds(source)}; it was saved "
             f"from another model, or pass max_missing= to accept it"
         )
     limit = max_missing if max_unexpected is None else max_unexpected
     if len(unexpected) > limit * len(expected):
         raise ValueError(
             f"checkpoint holds {len(unexpected)} entries the model lacks (more than {limit:.0%} "
-            f"of its {len(expected)}): {_preview(unexpected)}{_holds(source)}; it was saved "
+            f"of its {len(expected)}): {preview(unexpected)}{_holds(source)}; it was saved "
             f"from another model, or pass max_unexpected= to accept it"
         )
     model.load_state_dict(state, strict=False)

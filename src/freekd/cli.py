@@ -27,6 +27,9 @@ from typing import Annotated, Any
 
 import typer
 
+from ._choices import ROLES, SPLITS
+from .losses.base import baseline_losses
+
 __all__ = ["app", "cli_words", "main"]
 
 EXIT_USER_ERROR = 2
@@ -57,15 +60,13 @@ class DemoTask(str, Enum):
     both = "both"
 
 
-class Role(str, Enum):
-    teacher = "teacher"
-    student = "student"
-    baseline = "baseline"
+def _choice_enum(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A ``str`` enum of ``values`` for a typer option (its help lists them in this order)."""
+    return Enum(name, {value: value for value in values}, type=str)  # type: ignore[return-value]
 
 
-class Split(str, Enum):
-    train = "train"
-    val = "val"
+Role = _choice_enum("Role", ROLES)
+Split = _choice_enum("Split", SPLITS)
 
 
 # ---------------------------------------------------------------------------- options
@@ -376,6 +377,19 @@ def _run_training_job(
     _run(job)
 
 
+def _distill_help() -> str:
+    """The ``distill`` command's help; the baselines are the registered losses but FreeKD."""
+    return (
+        "Stage 2: distill the student from the frozen teacher with the tuned prompts.\n\n"
+        "Objective: student task loss + distill.mu * FreeKD (+ distill.mse_weight * feature MSE "
+        "+ distill.head_weight * SmoothL1 on the box-regression heads, the official recipe's "
+        "extra terms), or with distill.method a baseline loss instead of FreeKD "
+        f"({', '.join(baseline_losses())}: no prompts needed). Uses student.{{arch, backbone, "
+        "args, train}. Writes run_dir/student_freekd/ (student_<method>/ for a baseline) with "
+        "checkpoints, logs and student.safetensors (the student alone)."
+    )
+
+
 @app.command("train-teacher")
 def train_teacher_command(
     config: ConfigOption,
@@ -416,7 +430,7 @@ def tune_prompts_command(
     _run_training_job("tune_prompts", config, sets, run_dir, device, resume, resume_from, force)
 
 
-@app.command("distill")
+@app.command("distill", help=_distill_help())
 def distill_command(
     config: ConfigOption,
     sets: SetOption = None,
@@ -434,16 +448,7 @@ def distill_command(
         ),
     ] = False,
 ) -> None:
-    """Stage 2: distil the student from the frozen teacher with the tuned prompts.
-
-    Objective: student task loss + distill.mu * FreeKD (+ distill.mse_weight * feature MSE +
-    distill.head_weight * SmoothL1 on the box-regression heads, the official recipe's extra
-    terms), or with distill.method a baseline loss instead of FreeKD (mse, cwd, mgd, frequency:
-    no prompts needed). Uses student.{arch, backbone, args, train}. Writes
-    run_dir/student_freekd/ (student_<method>/ for a baseline) with checkpoints, logs and
-    student.safetensors (the student alone).
-    """
-
+    """Stage 2 (the help text is :func:`_distill_help`, which lists the registered losses)."""
     name = "train_baseline" if baseline else "distill"
     _run_training_job(name, config, sets, run_dir, device, resume, resume_from, force)
 

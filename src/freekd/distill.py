@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from .tuning import TaskLoss, freeze, loss_terms
 
 __all__ = [
     "NONFINITE_POLICIES",
+    "PROJECTIONS",
     "Distiller",
     "NonFiniteError",
     "OutputLoss",
@@ -44,8 +45,11 @@ __all__ = [
 ]
 
 Projector = Literal["auto", "always", "none"]
+"""Where the Distiller puts a projection ``phi`` (see :class:`Distiller`)."""
 NonFinitePolicy = Literal["raise", "skip", "off"]
-NONFINITE_POLICIES: tuple[str, ...] = ("raise", "skip", "off")
+"""What a NaN or Inf in a distilled tensor does (see :class:`Distiller`)."""
+PROJECTIONS: tuple[str, ...] = get_args(Projector)
+NONFINITE_POLICIES: tuple[str, ...] = get_args(NonFinitePolicy)
 
 
 class NonFiniteError(FloatingPointError, ValueError):
@@ -200,8 +204,7 @@ class Distiller(nn.Module):
         nonfinite: NonFinitePolicy = "raise",
     ) -> None:
         super().__init__()
-        if projection not in ("auto", "always", "none"):
-            raise ValueError(f"projection must be 'auto', 'always' or 'none', got {projection!r}")
+        check_choice("projection", projection, PROJECTIONS)
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         self.nonfinite: str = nonfinite
         self.last_nonfinite: list[str] = []

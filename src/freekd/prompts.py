@@ -41,8 +41,8 @@ Granularity = Literal["level", "band"]
 Dissimilarity = Literal["jaccard", "dice"]
 MaskLogits = Literal["raw", "scaled", "normalized"]
 Resynthesis = Literal["sum", "centered"]
-GRANULARITIES: tuple[str, ...] = ("level", "band")
-DISSIMILARITIES: tuple[str, ...] = ("jaccard", "dice")
+GRANULARITIES: tuple[str, ...] = get_args(Granularity)
+DISSIMILARITIES: tuple[str, ...] = get_args(Dissimilarity)
 MASK_LOGITS: tuple[str, ...] = get_args(MaskLogits)
 RESYNTHESES: tuple[str, ...] = get_args(Resynthesis)
 

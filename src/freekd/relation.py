@@ -45,7 +45,7 @@ __all__ = [
 Gate = Literal["parameter-free", "mlp"]
 RelationKind = Literal["raw", "cosine"]
 RelationSource = Literal["product", "teacher"]
-GATES: tuple[str, ...] = ("parameter-free", "mlp")
+GATES: tuple[str, ...] = get_args(Gate)
 RELATION_KINDS: tuple[str, ...] = get_args(RelationKind)
 RELATION_SOURCES: tuple[str, ...] = get_args(RelationSource)
 

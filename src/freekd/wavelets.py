@@ -287,11 +287,6 @@ def _conv_synthesis(low: Tensor, high: Tensor, wavelet: str) -> Tensor:
 # Public functions.
 
 
-def _check_levels(levels: int) -> None:
-    if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
-        raise ValueError(f"levels must be an integer >= 1, got {levels!r}")
-
-
 def dwt2(x: Tensor, levels: int = 3, wavelet: str = "haar") -> WaveletBands:
     """Multi-level 2-D DWT of ``x: [N, C, H, W]`` (PyWavelets' ``wavedec2``, mode ``"zero"``).
 
@@ -299,7 +294,7 @@ def dwt2(x: Tensor, levels: int = 3, wavelet: str = "haar") -> WaveletBands:
     levels ``j = 1..levels``, finest first, orientations (cH, cV, cD). Differentiable; any float
     dtype; bands keep ``x``'s dtype and device.
     """
-    _check_levels(levels)
+    check_positive_int("levels", levels)
     if not isinstance(x, Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(
@@ -399,7 +394,7 @@ class DWT2d(nn.Module):
 
     def __init__(self, levels: int = 3, wavelet: str = "haar") -> None:
         super().__init__()
-        _check_levels(levels)
+        check_positive_int("levels", levels)
         wavelet_filters(wavelet)
         self.levels, self.wavelet = levels, wavelet
 

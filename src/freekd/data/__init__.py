@@ -16,12 +16,12 @@ torchvision; pycocotools only for :meth:`CocoDetection.coco`.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any
 
 from torch.utils.data import Dataset
 
+from .._checks import check_choice
 from .coco import CocoDetection
 from .collate import detection_collate, segmentation_collate
 from .digits import DigitScene, DigitScenes, digit_sample_indices, load_digit_samples
@@ -96,10 +96,7 @@ def build_dataset(name: str, **kwargs: Any) -> Dataset:
     Raises ``ValueError`` for an unknown name (listing the valid ones) and ``TypeError`` for
     arguments the data set does not take (listing those it does).
     """
-    if name not in DATASETS:
-        close = difflib.get_close_matches(str(name), DATASETS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown dataset {name!r}{hint}; valid names: {sorted(DATASETS)}")
+    check_choice("dataset", name, sorted(DATASETS))
     cls = DATASETS[name]
     signature = inspect.signature(cls)
     try:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._checks import preview
 from ._image import load_image
 
 __all__ = ["CocoDetection"]
@@ -28,13 +29,6 @@ __all__ = ["CocoDetection"]
 logger = logging.getLogger("freekd")
 
 _REQUIRED_KEYS = ("images", "annotations", "categories")
-_SHOWN = 5  # how many offending entries an error message lists
-
-
-def _listing(items: Sequence[Any]) -> str:
-    shown = ", ".join(str(item) for item in items[:_SHOWN])
-    more = len(items) - _SHOWN
-    return shown + (f" and {more} more" if more > 0 else "")
 
 
 def _as_int(value: Any) -> int | None:
@@ -213,7 +207,7 @@ class CocoDetection(Dataset):
             if unknown:
                 raise ValueError(
                     f"category_ids {unknown} are not in the 'categories' of "
-                    f"{self.annotation_file} (ids there: {_listing(sorted(categories))})"
+                    f"{self.annotation_file} (ids there: {preview(sorted(categories))})"
                 )
             if len(set(used)) != len(used):
                 raise ValueError(f"category_ids has repeated ids: {used}")
@@ -329,14 +323,14 @@ class CocoDetection(Dataset):
         if unknown_images:
             raise self._fail(
                 f"{len(unknown_images)} annotation(s) refer to image ids that are not in "
-                f"'images': {_listing(unknown_images)}; add the image entries or remove those "
+                f"'images': {preview(unknown_images)}; add the image entries or remove those "
                 "annotations"
             )
         if unknown_categories:
             raise self._fail(
                 f"{len(unknown_categories)} annotation(s) refer to category ids that are not in "
-                f"'categories' (ids there: {_listing(sorted(categories))}): "
-                f"{_listing(unknown_categories)}; add the categories or fix the category_id"
+                f"'categories' (ids there: {preview(sorted(categories))}): "
+                f"{preview(unknown_categories)}; add the categories or fix the category_id"
             )
         return per_image
 
@@ -373,7 +367,7 @@ class CocoDetection(Dataset):
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} of {len(self)} images listed in {self.annotation_file} are "
-                f"missing from {self.image_dir}: {_listing(missing)}; check image_dir or remove "
+                f"missing from {self.image_dir}: {preview(missing)}; check image_dir or remove "
                 "their entries"
             )
 

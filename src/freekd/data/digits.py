@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._checks import check_choice
+from .._choices import SPLITS, TASKS
 from .writers import write_coco, write_segmentation_folder
 
 __all__ = [
@@ -47,8 +49,6 @@ __all__ = [
 ]
 
 DIGIT_CLASS_NAMES: tuple[str, ...] = tuple(str(digit) for digit in range(10))
-SPLITS = ("train", "val")
-TASKS = ("detection", "segmentation")
 VAL_FRACTION = 0.2
 INK_THRESHOLD = 0.45  # upsampled intensity (in [0, 1]) from which a pixel belongs to the digit
 _EDGE = 0.15  # half-width of the soft alpha ramp around INK_THRESHOLD (anti-aliased strokes)
@@ -78,7 +78,7 @@ def digit_sample_indices(split: str) -> np.ndarray:
     A fixed stratified split: for each digit class, a fixed random 20 % of its samples go to
     ``"val"``, the rest to ``"train"``; the two sets are disjoint and cover all 1797 samples.
     """
-    _check_choice("split", split, SPLITS)
+    check_choice("DigitScenes split", split, SPLITS)
     _, digits = load_digit_samples()
     rng = np.random.default_rng(_SPLIT_SEED)
     chosen = []
@@ -174,8 +174,8 @@ class DigitScenes(Dataset):
         min_visible: float = 0.4,
         transforms: Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]] | None = None,
     ) -> None:
-        _check_choice("split", split, SPLITS)
-        _check_choice("task", task, TASKS)
+        check_choice("DigitScenes split", split, SPLITS)
+        check_choice("DigitScenes task", task, TASKS)
         if not isinstance(size, int) or not 32 <= size <= 1024:
             raise ValueError(f"DigitScenes: size must be an int in 32..1024, got {size!r}")
         if not isinstance(length, int) or length < 1:
@@ -279,11 +279,6 @@ class DigitScenes(Dataset):
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"DigitScenes: {name} must be one of {list(choices)}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------

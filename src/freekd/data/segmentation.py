@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
+from .._checks import preview
 from ._image import load_image, load_mask
 
 __all__ = [
@@ -27,15 +27,8 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_SHOWN = 5
 
 Transforms = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def _listing(items: Sequence[Any]) -> str:
-    shown = ", ".join(str(item) for item in items[:_SHOWN])
-    more = len(items) - _SHOWN
-    return shown + (f" and {more} more" if more > 0 else "")
 
 
 def _check_mask(
@@ -145,12 +138,12 @@ class SegmentationFolder(Dataset):
                 if no_mask:
                     problems.append(
                         f"{len(no_mask)} image(s) without a mask {self.mask_dir}/NAME.png: "
-                        + _listing([image_files[name].name for name in no_mask])
+                        + preview([image_files[name].name for name in no_mask])
                     )
                 if no_image:
                     problems.append(
                         f"{len(no_image)} mask(s) without an image in {self.image_dir}: "
-                        + _listing([mask_files[name].name for name in no_image])
+                        + preview([mask_files[name].name for name in no_image])
                     )
                 raise ValueError(
                     "SegmentationFolder: unpaired files: "
@@ -166,7 +159,7 @@ class SegmentationFolder(Dataset):
             if missing:
                 raise ValueError(
                     f"SegmentationFolder: {len(missing)} listed name(s) lack an image in "
-                    f"{self.image_dir} or a mask in {self.mask_dir}: {_listing(missing)}"
+                    f"{self.image_dir} or a mask in {self.mask_dir}: {preview(missing)}"
                 )
         self.names: list[str] = selected
         self._pairs = [(image_files[name], mask_files[name]) for name in selected]
@@ -309,7 +302,7 @@ class Cityscapes(Dataset):
         if missing:
             raise FileNotFoundError(
                 f"Cityscapes: {len(missing)} image(s) of split {split!r} have no label file "
-                f"(*_gtFine_labelIds.png or *_gtFine_labelTrainIds.png): {_listing(missing)}; "
+                f"(*_gtFine_labelIds.png or *_gtFine_labelTrainIds.png): {preview(missing)}; "
                 "unpack gtFine_trainvaltest.zip into root"
             )
         self._pairs = pairs

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import check_choice
+
 __all__ = [
     "ALL_CORRUPTIONS",
     "CORRUPTIONS",
@@ -396,16 +398,6 @@ RANDOM_CORRUPTIONS = frozenset(
 """Corruptions that draw random numbers (the others are deterministic functions of the image)."""
 
 
-def _unknown(name: object) -> ValueError:
-    import difflib
-
-    close = difflib.get_close_matches(str(name), ALL_CORRUPTIONS, n=1, cutoff=0.6)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ValueError(
-        f"unknown corruption {name!r}{hint}; choose from {', '.join(ALL_CORRUPTIONS)} or 'all'"
-    )
-
-
 def resolve_corruptions(corruptions: str | Sequence[str] | None) -> list[str]:
     """Corruption names from ``"all"``, one name, a comma-separated string or a list.
 
@@ -417,10 +409,8 @@ def resolve_corruptions(corruptions: str | Sequence[str] | None) -> list[str]:
         corruptions = [part.strip() for part in corruptions.split(",") if part.strip()]
     names: list[str] = []
     for name in corruptions:
-        expanded = list(CORRUPTIONS) if name == "all" else [name]
-        for item in expanded:
-            if item not in _FUNCTIONS:
-                raise _unknown(item)
+        check_choice("corruption", name, (*ALL_CORRUPTIONS, "all"))
+        for item in list(CORRUPTIONS) if name == "all" else [name]:
             if item not in names:
                 names.append(item)
     return names
@@ -456,8 +446,7 @@ def corrupt(
         The corrupted images: same shape, dtype and device, values in ``[0, 1]`` (``0..255``).
         Not differentiable (evaluation only).
     """
-    if name not in _FUNCTIONS:
-        raise _unknown(name)
+    check_choice("corruption", name, ALL_CORRUPTIONS)
     severity = _check_severity(severity)
     if not isinstance(images, Tensor):
         raise TypeError(f"corrupt() takes an image tensor [N, 3, H, W], got {type(images)}")

@@ -21,8 +21,10 @@ from typing import Any
 
 from torch import nn
 
+from .._checks import check_choice
+from .._choices import TASKS
 from ..tuning import TaskLoss
-from ._common import WeightsUnavailableError, check_name
+from ._common import WeightsUnavailableError
 from .detection import (
     DETECTION_ARCHS,
     DETECTION_BACKBONES,
@@ -68,8 +70,6 @@ __all__ = [
     "segmentation_predict",
 ]
 
-TASKS = ("detection", "segmentation")
-
 REGISTRY: dict[str, dict[str, tuple[str, ...]]] = {
     "detection": dict.fromkeys(DETECTION_ARCHS, DETECTION_BACKBONES),
     "segmentation": {
@@ -108,12 +108,12 @@ class ModelSpec:
 
 
 def _check(task: str, arch: str, backbone: str) -> None:
-    check_name("task", task, TASKS)
-    check_name(f"{task} arch", arch, tuple(REGISTRY[task]))
+    check_choice("task", task, TASKS)
+    check_choice(f"{task} arch", arch, tuple(REGISTRY[task]))
     if arch == "vit_seg":
         check_vit_name(backbone)
         return
-    check_name(f"{task} backbone for {arch}", backbone, REGISTRY[task][arch])
+    check_choice(f"{task} backbone for {arch}", backbone, REGISTRY[task][arch])
 
 
 def default_taps(

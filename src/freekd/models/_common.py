@@ -4,7 +4,6 @@ eval-mode calls."""
 from __future__ import annotations
 
 import contextlib
-import difflib
 import http.client
 import os
 import socket
@@ -19,22 +18,6 @@ from torch import nn
 from ..checkpoints import LoadReport, checkpoint_origin, load_weights, read_state_dict
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar")
-
-
-def check_name(kind: str, value: object, choices: Sequence[str]) -> str:
-    """``value`` if it is one of ``choices``, else a ``ValueError`` naming the valid ones."""
-    if isinstance(value, str) and value in choices:
-        return value
-    close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.6)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    options = ", ".join(repr(c) for c in choices)
-    raise ValueError(f"unknown {kind} {value!r}{hint}; choose one of {options}")
-
-
-def check_num_classes(num_classes: object) -> int:
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-    return num_classes
 
 
 def is_checkpoint_path(value: object) -> bool:

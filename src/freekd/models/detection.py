@@ -54,9 +54,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from .._checks import check_choice, check_positive_int
 from ._common import (
-    check_name,
-    check_num_classes,
     downloads,
     eval_mode,
     is_checkpoint_path,
@@ -264,9 +263,9 @@ def build_detector(
     eval mode ``model(images)`` returns one ``{"boxes", "scores", "labels"}`` dict per image.
     Trainable: everything except the frozen ResNet stages and frozen norm layers.
     """
-    check_name("detection arch", arch, DETECTION_ARCHS)
-    check_name("detection backbone", backbone, DETECTION_BACKBONES)
-    check_num_classes(num_classes)
+    check_choice("detection arch", arch, DETECTION_ARCHS)
+    check_choice("detection backbone", backbone, DETECTION_BACKBONES)
+    check_positive_int("num_classes", num_classes)
     weights = _model_weights(arch, backbone, weights)
     if weights is not None:
         if weights_backbone is not None:

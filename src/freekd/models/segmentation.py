@@ -38,9 +38,8 @@ from torchvision.models import (
     WeightsEnum,
 )
 
+from .._checks import check_choice, check_positive_int
 from ._common import (
-    check_name,
-    check_num_classes,
     downloads,
     eval_mode,
     is_checkpoint_path,
@@ -124,9 +123,9 @@ def build_segmenter(
 
     ``model(images)`` returns logits ``[N, K, H, W]`` (input size). Everything is trainable.
     """
-    check_name("segmentation arch", arch, SEGMENTATION_ARCHS)
-    check_name("segmentation encoder", encoder, SEGMENTATION_BACKBONES)
-    check_num_classes(num_classes)
+    check_choice("segmentation arch", arch, SEGMENTATION_ARCHS)
+    check_choice("segmentation encoder", encoder, SEGMENTATION_BACKBONES)
+    check_positive_int("num_classes", num_classes)
     if output_stride not in _OUTPUT_STRIDES[arch]:
         raise ValueError(
             f"output_stride={output_stride!r} is not supported by {arch}; choose one of "

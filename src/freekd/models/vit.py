@@ -33,8 +33,9 @@ import timm
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_choice, check_positive_int
 from ..taps import tokens_to_map
-from ._common import check_name, check_num_classes, is_checkpoint_path, load_checkpoint
+from ._common import is_checkpoint_path, load_checkpoint
 
 __all__ = [
     "VIT_BACKBONES",
@@ -91,7 +92,7 @@ def check_vit_name(name: object) -> str:
     if isinstance(name, str) and timm.is_model(name):
         return name
     candidates = sorted(set(timm.list_models("*vit*")) | set(timm.list_models("deit*")))
-    return check_name("timm ViT", name, candidates)
+    return check_choice("timm ViT", name, candidates)
 
 
 class ViTSegmenter(nn.Module):
@@ -116,7 +117,7 @@ class ViTSegmenter(nn.Module):
         decoder_channels: int = 256,
     ) -> None:
         super().__init__()
-        check_name("ViT decoder", decoder, VIT_DECODERS)
+        check_choice("ViT decoder", decoder, VIT_DECODERS)
         self.encoder = encoder
         channels = int(encoder.embed_dim)
         if decoder == "linear":
@@ -178,7 +179,7 @@ def build_vit_segmenter(
             ``drop_path_rate``, ``reg_tokens``, ...).
     """
     check_vit_name(backbone)
-    check_num_classes(num_classes)
+    check_positive_int("num_classes", num_classes)
     for name, value in (("weights", weights), ("encoder_weights", encoder_weights)):
         if value is not None and not is_checkpoint_path(value):
             raise ValueError(

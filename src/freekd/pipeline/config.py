@@ -28,8 +28,11 @@ from typing import Any, Literal
 
 import yaml
 
+from .._choices import Task
+from ..distill import NonFinitePolicy, Projector
 from ..losses import FreeKDLoss, loss_names
-from ..train.config import OptimConfig, ScheduleConfig
+from ..prompts import Resynthesis
+from ..train.config import Logger, OptimConfig, ScheduleConfig
 from .schema import ConfigError, choice_problem, from_dict, to_dict
 
 __all__ = [
@@ -47,8 +50,6 @@ __all__ = [
     "parse_override",
     "read_yaml",
 ]
-
-Task = Literal["detection", "segmentation"]
 
 
 @dataclass
@@ -175,7 +176,7 @@ class PromptsSection(JobSection):
     optimizer: OptimConfig = field(default_factory=_prompt_optimizer)
     schedule: ScheduleConfig = field(default_factory=_prompt_schedule)
     dissimilarity_weight: float = 1.0
-    resynthesis: Literal["sum", "centered"] = "sum"
+    resynthesis: Resynthesis = "sum"
     batch_size: int | None = None
     file: str | None = None
 
@@ -210,14 +211,14 @@ class DistillSection:
     preset: str = "paper"
     loss: dict[str, Any] = field(default_factory=dict)
     mu: float = 1.0
-    projection: Literal["auto", "always", "none"] = "auto"
+    projection: Projector = "auto"
     teacher_taps: list[str] | None = None
     student_taps: list[str] | None = None
     mse_weight: float = 0.0
     head_weight: float = 0.0
     teacher_head: str | None = None
     student_head: str | None = None
-    nonfinite: Literal["raise", "skip", "off"] = "raise"
+    nonfinite: NonFinitePolicy = "raise"
 
     def __post_init__(self) -> None:
         for name, choices in (("method", loss_names()), ("preset", FreeKDLoss.presets())):
@@ -250,7 +251,7 @@ class TrainerSection:
     checkpoint_every_steps: int = 1000
     keep_checkpoints: int = 2
     deterministic: bool | Literal["warn"] = "warn"
-    logger: Literal["csv", "tensorboard"] | None = "csv"
+    logger: Logger | None = "csv"
     log_every_steps: int = 50
     progress_bar: bool | None = None
     model_summary: bool = False

@@ -28,6 +28,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from .._checks import check_choice
+from .._choices import ROLES, SPLITS
 from ..checkpoints import export_student
 from ..distill import Distiller, OutputLoss
 from ..losses import FeatureMSE
@@ -516,8 +518,7 @@ def evaluate_model(
 
     names = resolve_corruptions(corruptions)  # unknown names fail before any work
 
-    if role not in ("teacher", "student", "baseline"):
-        raise ValueError(f"unknown model {role!r}: choose teacher, student or baseline")
+    check_choice("model", role, ROLES)
     val_set = build_data(config, "val")
     num_classes = num_classes_of(val_set)
     section = config.teacher if role == "teacher" else config.student
@@ -619,8 +620,7 @@ def visualize(
     band, each level (mean over the prompts), then each prompt's mask of the finest level."""
     from ..viz import render_prompt_masks
 
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be train or val, got {split!r}")
+    check_choice("split", split, SPLITS)
     dataset = build_data(config, split)
     if not 0 <= index < len(dataset):  # type: ignore[arg-type]
         raise ValueError(f"--index {index} is outside the {split} set (0..{len(dataset) - 1})")  # type: ignore[arg-type]

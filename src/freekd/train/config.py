@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
+
+from .._checks import check_choice
 
 __all__ = [
     "DETECTION_GRAD_CLIP",
@@ -20,7 +22,11 @@ __all__ = [
     "OPTIMIZERS",
     "PRECISIONS",
     "SCHEDULES",
+    "Logger",
     "OptimConfig",
+    "OptimizerName",
+    "Precision",
+    "ScheduleKind",
     "ScheduleConfig",
     "TrainConfig",
     "detection_2x_recipe",
@@ -28,10 +34,14 @@ __all__ = [
     "segmentation_poly_recipe",
 ]
 
-OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
-SCHEDULES: tuple[str, ...] = ("constant", "step", "poly", "cosine")
-PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "16-mixed")
-LOGGERS: tuple[str, ...] = ("csv", "tensorboard")
+OptimizerName = Literal["sgd", "adam", "adamw"]
+ScheduleKind = Literal["constant", "step", "poly", "cosine"]
+Precision = Literal["32-true", "bf16-mixed", "16-mixed"]
+Logger = Literal["csv", "tensorboard"]
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+SCHEDULES: tuple[str, ...] = get_args(ScheduleKind)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+LOGGERS: tuple[str, ...] = get_args(Logger)
 
 DETECTION_GRAD_CLIP = 35.0
 """Gradient-norm clipping of the official detection recipes (MMDetection ``grad_clip``)."""
@@ -56,11 +66,6 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         _fail(name, value, f"use an integer >= {minimum}")
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(name, value, "choose one of " + ", ".join(repr(c) for c in choices))
-
-
 @dataclass
 class OptimConfig:
     """Optimizer: ``name`` ``"sgd"`` | ``"adam"`` | ``"adamw"``.
@@ -76,7 +81,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
 
     def __post_init__(self) -> None:
-        _check_choice("OptimConfig.name", self.name, OPTIMIZERS)
+        check_choice("OptimConfig.name", self.name, OPTIMIZERS)
         _check_number("OptimConfig.lr", self.lr, strict=True)
         _check_number("OptimConfig.momentum", self.momentum)
         if self.momentum >= 1:
@@ -117,7 +122,7 @@ class ScheduleConfig:
     min_lr: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_choice("ScheduleConfig.kind", self.kind, SCHEDULES)
+        check_choice("ScheduleConfig.kind", self.kind, SCHEDULES)
         if self.kind in ("poly", "cosine") and self.total_steps is None:
             _fail(
                 "ScheduleConfig.total_steps",
@@ -208,14 +213,14 @@ class TrainConfig:
             _check_int("TrainConfig.keep_checkpoints (or -1 for all)", self.keep_checkpoints, 1)
         if self.grad_clip_norm is not None:
             _check_number("TrainConfig.grad_clip_norm", self.grad_clip_norm, strict=True)
-        _check_choice("TrainConfig.precision", self.precision, PRECISIONS)
+        check_choice("TrainConfig.precision", self.precision, PRECISIONS)
         _check_int("TrainConfig.accumulate_grad_batches", self.accumulate_grad_batches, 1)
         _check_int("TrainConfig.num_nodes", self.num_nodes, 1)
         _check_int("TrainConfig.seed", self.seed, 0)
         if self.deterministic not in (True, False, "warn"):
             _fail("TrainConfig.deterministic", self.deterministic, "use True, False or 'warn'")
         if self.logger is not None:
-            _check_choice("TrainConfig.logger", self.logger, LOGGERS)
+            check_choice("TrainConfig.logger", self.logger, LOGGERS)
         _check_int("TrainConfig.log_every_steps", self.log_every_steps, 1)
         _check_int("TrainConfig.sanity_val_steps", self.sanity_val_steps, 0)
         count = isinstance(self.devices, int) and not isinstance(self.devices, bool)
