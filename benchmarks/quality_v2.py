@@ -1,8 +1,8 @@
 """Quality benchmark v2: FreeKD against MSE, CWD and MGD in a regime FreeKD is meant for.
 
 Segmentation of 128-px digit scenes (``freekd.data.DigitScenes``: 3-8 small digits each) with
-smp FPN segmenters: teacher ResNet-34 with a 128-channel pyramid, student RegNetX-200MF with a
-64-channel pyramid (both from scratch: no weights can be downloaded here). Distilled: the FPN
+smp FPN segmenters: teacher ResNet-34 with a 128-channel pyramid, student MobileNetV3-Small-0.5 with
+a 64-channel pyramid (both from scratch: no weights can be downloaded here). Distilled: the FPN
 pyramid ``decoder.p2 / p3 / p4`` (32x32, 16x16, 8x8, fine to coarse), through a 1x1-conv
 projection 64 -> 128 on every layer for every method (``projection: always``). FreeKD uses
 3 / 3 / 2 wavelet levels (``freekd.auto_levels``: no band smaller than 2x2).
@@ -99,7 +99,7 @@ class Protocol:
     digit_scale: tuple[float, float] = (0.12, 0.25)
     teacher_encoder: str = "resnet34"
     teacher_pyramid: int = 128
-    student_encoder: str = "tu-regnetx_002"
+    student_encoder: str = "tu-mobilenetv3_small_050"
     student_pyramid: int = 64
     taps: tuple[str, ...] = ("decoder.p2", "decoder.p3", "decoder.p4")
     batch_size: int = 8
@@ -144,6 +144,7 @@ TEACHER_FIELDS = (
     "teacher_steps",
     "taps",
 )
+PROMPT_FIELDS = (*TEACHER_FIELDS, "prompt_steps", "prompt_lr")
 STUDENT_FIELDS = (
     *TEACHER_FIELDS,
     "student_encoder",
@@ -492,7 +493,7 @@ def ensure_prompts(
     """Tune (once per FreeKD configuration) the prompts of ``name``; returns the file and the
     stage-1 diagnostic."""
     method = METHODS[name]
-    folder = out / f"prompts-{protocol.key(*STUDENT_FIELDS)}-{method.prompt_key()}"
+    folder = out / f"prompts-{protocol.key(*PROMPT_FIELDS)}-{method.prompt_key()}"
     path, record_path = folder / "prompts.safetensors", folder / "diagnostic.json"
     record = _read_json(record_path)
     if record is not None and path.is_file():
