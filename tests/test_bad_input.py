@@ -189,7 +189,7 @@ CASES = [
         "feature lists of different lengths (loss)",
         lambda _: FreeKDLoss([4, 4])([X, X], [X]),
         ValueError,
-        (r"distils 2 layers", r"2 student and 1 teacher features"),
+        (r"distills 2 layers", r"2 student and 1 teacher features"),
     ),
     Case(
         "taps yielding different feature counts (distiller)",

@@ -47,7 +47,7 @@ def test_zero_distillation_gradient_is_refused_with_the_reason():
     feature = torch.ones(3, requires_grad=True)
     task = feature.sum()
     distill = (feature - feature.detach()).pow(2).sum()  # student equals teacher: zero gradient
-    with pytest.raises(ValueError, match="calibrate at initialisation"):
+    with pytest.raises(ValueError, match="calibrate at initialization"):
         calibrate_weight(task, distill, [feature])
 
 

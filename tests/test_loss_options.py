@@ -382,3 +382,20 @@ def test_prompt_files_without_mask_logits_load_as_raw(tmp_path):
     torch.testing.assert_close(raw.prompts[1].tokens, loss_fn.prompts[1].tokens)
     with pytest.raises(ValueError, match=r"mask_logits: file 'raw', loss 'scaled'"):
         FreeKDLoss([6, 6], mask_logits="scaled").load_prompts(old)
+
+
+def test_prompts_copy_in_memory_between_losses_of_one_configuration():
+    source = FreeKDLoss.preset("paper", [6, 6], levels=[2, 1])
+    randomize_prompts(source)
+    source.prompts[0].mark_tuned()
+    target = FreeKDLoss.preset("paper", [6, 6], levels=[2, 1], relational="cosine")
+    target.copy_prompts_from(source)
+    for mine, theirs in zip(target.prompts, source.prompts, strict=True):
+        assert torch.equal(mine.tokens, theirs.tokens) and mine.tokens is not theirs.tokens
+        assert bool(mine.tuned) == bool(theirs.tuned)
+    assert not target.prompts[0].tokens.requires_grad  # still frozen for stage 2
+    other = FreeKDLoss.preset("official", [6, 6])
+    with pytest.raises(ValueError, match=r"num_prompts: source 6, loss 2.*granularity"):
+        FreeKDLoss.preset("paper", [6, 6]).copy_prompts_from(other)
+    with pytest.raises(ValueError, match=r"channels: source \[6\], loss \[6, 6\]"):
+        target.copy_prompts_from(FreeKDLoss.preset("paper", [6]))

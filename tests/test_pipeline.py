@@ -437,3 +437,17 @@ def test_a_checkpoint_holding_teacher_and_student_of_one_architecture_needs_a_pr
     narrow = {f"distiller.student.{k}": v for k, v in TinySegmenter(8).state_dict().items()}
     narrow.update({f"distiller.teacher.{k}": v for k, v in teacher.state_dict().items()})
     assert load_weights(TinySegmenter(8), narrow).prefix == "distiller.student."
+
+
+def test_distiller_and_prompt_tuner_remove_their_hooks_when_used_as_context_managers():
+    distiller, teacher, student, loss = make_distiller()
+    with distiller as same:
+        assert same is distiller
+        distiller(fixed_batch())
+        assert any(m._forward_hooks for m in student.modules())
+    assert not any(m._forward_hooks for m in [*teacher.modules(), *student.modules()])
+    with PromptTuner(teacher, TAPS, loss, segmentation_loss) as tuner:
+        assert any(m._forward_hooks for m in teacher.modules())
+        tuner(fixed_batch())
+    assert not any(m._forward_hooks for m in teacher.modules())
+    tuner.remove_hooks()  # idempotent

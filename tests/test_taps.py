@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from freekd.taps import FeatureTaps, TapError
+from freekd.taps import FeatureTaps, TapError, probe_features
 
 
 class TinyPyramid(nn.Module):
@@ -207,3 +207,19 @@ def test_out_of_order_multi_feature_tap_is_refused_with_the_fix():
         pytest.raises(TapError, match="order the model computes them"),
     ):
         model(torch.randn(1, 3, 16, 16))
+
+
+def test_probe_features_gives_the_shapes_and_leaves_the_model_as_it_was():
+    model = TinyPyramid().train()
+    model.stages[0].eval()  # a submodule's own flag survives the probe
+    shapes = probe_features(model, ["stages.0", "neck"], torch.zeros(2, 3, 16, 16))
+    assert shapes == [
+        torch.Size([2, 4, 8, 8]),
+        torch.Size([2, 4, 8, 8]),
+        torch.Size([2, 4, 4, 4]),
+        torch.Size([2, 4, 2, 2]),
+    ]
+    assert model.training and not model.stages[0].training and model.stages[1].training
+    assert not model.stem._forward_hooks and not model.neck._forward_hooks
+    with pytest.raises(TapError, match="no submodule 'stagez'"):
+        probe_features(model, ["stagez"], torch.zeros(1, 3, 16, 16))

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 from test_pipeline import TinySegmenter
 
 from freekd import FreeKDLoss
-from freekd.viz import colourise, prompt_mask_grid, render_prompt_masks
+from freekd.viz import colorize, prompt_mask_grid, render_prompt_masks
 
 
 def test_colour_map_ends_and_shape():
     values = torch.tensor([[0.0, 1.0]])
-    rgb = colourise(values)
+    rgb = colorize(values)
     assert rgb.shape == (3, 1, 2)
     torch.testing.assert_close(rgb[:, 0, 0], torch.tensor([0.27, 0.00, 0.33]))
     torch.testing.assert_close(rgb[:, 0, 1], torch.tensor([0.99, 0.91, 0.14]))
@@ -41,3 +42,16 @@ def test_render_writes_a_png_of_the_expected_size(tmp_path):
         # 2 layers; input + low + 3 levels + T=2 tokens = 7 columns of 32 px
         assert picture.size == (7 * 32, 2 * 32)
     assert teacher.training  # mode restored
+
+
+def test_the_old_spelling_still_imports_with_a_deprecation_warning():
+    import freekd.viz
+    from freekd import relation
+
+    with pytest.warns(DeprecationWarning, match=r"freekd.viz.colourise is deprecated.*colorize"):
+        assert freekd.viz.colourise is colorize
+    with pytest.warns(DeprecationWarning, match="use freekd.relation.normalize_log_weight"):
+        from freekd.relation import normalise_log_weight
+    assert normalise_log_weight is relation.normalize_log_weight
+    with pytest.raises(AttributeError, match="no attribute 'colorise'"):
+        freekd.viz.colorise  # noqa: B018

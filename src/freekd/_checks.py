@@ -120,7 +120,7 @@ def check_feature_lists(
             )
     expected = len(channels) if channels is not None else len(teacher_feats)
     if len(student_feats) != len(teacher_feats) or len(teacher_feats) != expected or not expected:
-        built = f" distils {expected} layers (channels={list(channels)});" if channels else ":"
+        built = f" distills {expected} layers (channels={list(channels)});" if channels else ":"
         raise ValueError(
             f"{loss}{built} got {len(student_feats)} student and {len(teacher_feats)} teacher "
             f"features: pass one student feature per distilled teacher layer"
@@ -131,7 +131,7 @@ def check_feature_lists(
             if not isinstance(feat, Tensor) or feat.dim() != 4:
                 shape = tuple(feat.shape) if isinstance(feat, Tensor) else type(feat).__name__
                 raise ValueError(
-                    f"{where}: {name} feature must be [N, C, H, W], got {shape}: distil maps "
+                    f"{where}: {name} feature must be [N, C, H, W], got {shape}: distill maps "
                     f"(add a batch dimension with feature[None])"
                 )
             if not feat.is_floating_point():

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+__all__ = ["atomic_write", "save_safetensors"]
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(temporary_path)`` and rename the result to ``path``; on any failure the

@@ -9,7 +9,7 @@ projection),
     || d(mu0 * L_distill) / dF || == || d L_task / dF ||,
 
 averaged over the batches given. Sweeping ``mu`` around ``mu0`` (e.g. ``mu0 / 3, mu0, 3 * mu0``)
-then gives every loss the same tuning budget. Calibrate at initialisation (the student untrained,
+then gives every loss the same tuning budget. Calibrate at initialization (the student untrained,
 the teacher and prompts final), where both gradients are large.
 """
 
@@ -71,7 +71,7 @@ def calibrate_weight(
         >>> feature = torch.ones(1, 2, 2, 2, requires_grad=True)
         >>> task = (3 * feature).sum()                 # gradient 3 everywhere
         >>> distill = (feature - 0).pow(2).sum() / 2   # gradient 1 everywhere
-        >>> calibrate_weight(task, distill, [feature])
+        >>> round(calibrate_weight(task, distill, [feature]), 6)
         3.0
     """
     if isinstance(task_losses, Tensor):
@@ -87,6 +87,6 @@ def calibrate_weight(
     if not distill_norm > 0 or not math.isfinite(distill_norm):
         raise ValueError(
             f"the distillation loss has gradient norm {distill_norm} on the student's features: "
-            f"calibrate at initialisation, when the student differs from the teacher"
+            f"calibrate at initialization, when the student differs from the teacher"
         )
     return task_norm / distill_norm

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ._checks import preview
 from ._io import save_safetensors
+from ._version import __version__
 
 __all__ = [
     "LoadReport",
@@ -263,9 +264,23 @@ def load_weights(
             entries (default: ``max_missing``): a file of a larger model (a ResNet-34 into a
             ResNet-18) fits by name where the models agree and would load without error.
 
-    Raises ``ValueError`` naming the missing (or unexpected) keys when there are more, or when a
-    tensor's shape differs; the message names the model the file says it holds when it is a
-    file. Logs the missing and unexpected keys otherwise.
+    Logs the missing and unexpected keys when there are any (within the limits).
+
+    Returns:
+        A :class:`LoadReport`: the entries loaded, the missing and unexpected keys, the prefix
+        removed.
+
+    Raises:
+        ValueError: more entries are missing (or unexpected) than allowed, or a tensor's shape
+            differs; the message names the keys and, for a file, the model it says it holds.
+        FileNotFoundError: ``source`` is a path to no file.
+
+    Example:
+        >>> from torch import nn
+        >>> student = nn.Linear(2, 3)
+        >>> state = {"student." + k: v for k, v in nn.Linear(2, 3).state_dict().items()}
+        >>> print(load_weights(student, state))
+        loaded 2 entries (prefix 'student.' removed)
     """
     state = read_state_dict(source)
     expected = model.state_dict()
@@ -318,10 +333,23 @@ def export_student(
     """Write ``student.state_dict()`` (nothing else) as safetensors, atomically.
 
     The file loads with ``load_weights(model, path)`` or ``model.load_state_dict(
-    safetensors.torch.load_file(path), strict=True)`` into the same architecture.
-    """
-    from . import __version__
+    safetensors.torch.load_file(path), strict=True)`` into the same architecture; ``metadata``
+    (JSON-encoded) is stored beside ``format`` and ``freekd_version``.
 
+    Returns:
+        The path written.
+
+    Raises:
+        OSError: the folder cannot be written.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from torch import nn
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = export_student(nn.Linear(2, 3), pathlib.Path(folder) / "student.safetensors")
+        ...     print(load_weights(nn.Linear(2, 3), path))
+        loaded 2 entries
+    """
     info = {"format": "freekd-student/1", "freekd_version": __version__}
     info.update({key: json.dumps(value) for key, value in (metadata or {}).items()})
     return save_safetensors(dict(student.state_dict()), path, info)

@@ -1,4 +1,4 @@
-"""``freekd``: the command-line tool (train a teacher, tune prompts, distil, evaluate, export,
+"""``freekd``: the command-line tool (train a teacher, tune prompts, distill, evaluate, export,
 visualize, demo).
 
 Every subcommand reads one YAML configuration (``--config``, see ``docs/cli.md`` and
@@ -338,7 +338,7 @@ def _root(
 ) -> None:
     """FreeKD knowledge distillation for detectors and segmenters."""
     if version:
-        from . import __version__
+        from ._version import __version__
 
         typer.echo(f"freekd {__version__}")
         raise typer.Exit(0)
@@ -683,7 +683,7 @@ def demo_command(
 ) -> None:
     """Run the whole pipeline on the built-in digit scenes and print a table.
 
-    Trains a teacher and a baseline student, tunes the prompts, distils a FreeKD student with
+    Trains a teacher and a baseline student, tunes the prompts, distills a FreeKD student with
     the baseline's settings, and scores the three (mIoU or COCO AP, parameter counts). CPU by
     default, a GPU when present. The run folder holds config.yaml, metrics.json, masks.png and
     teacher/, student_baseline/, prompts/, student_freekd/ with logs and checkpoints. About 12

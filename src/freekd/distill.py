@@ -29,19 +29,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_choice
+from .frozen import TaskLoss, freeze, loss_terms
 from .losses.freekd import FreeKDLoss
 from .taps import FeatureTaps
-from .tuning import TaskLoss, freeze, loss_terms
 
 __all__ = [
     "NONFINITE_POLICIES",
     "PROJECTIONS",
     "Distiller",
     "NonFiniteError",
+    "NonFinitePolicy",
     "OutputLoss",
     "Projection",
+    "Projector",
     "all_ranks_finite",
+    "copy_submodule",
     "default_teacher_input",
+    "nonfinite_message",
 ]
 
 Projector = Literal["auto", "always", "none"]
@@ -84,7 +88,7 @@ def all_ranks_finite(terms: Mapping[str, Tensor] | Sequence[Tensor] | Tensor) ->
 
     For a :class:`Distiller` in your own DDP loop: a NaN seen by one process alone must stop
     (or skip) the step on all of them, or the others wait in the next gradient all-reduce
-    forever. One all-reduce of a flag when ``torch.distributed`` is initialised with several
+    forever. One all-reduce of a flag when ``torch.distributed`` is initialized with several
     processes (every process must call it at the same step), none otherwise::
 
         terms = distiller(batch, raise_nonfinite=False)  # records distiller.last_nonfinite
@@ -120,6 +124,12 @@ class OutputLoss:
 
     ``loss(student_output, teacher_output)`` on the tapped tensors (e.g. ``nn.SmoothL1Loss()``
     between box-regression head outputs, as the official RetinaNet recipe), times ``weight``.
+
+    Example:
+        >>> from torch import nn
+        >>> OutputLoss("head.regression_head", "head.regression_head", nn.SmoothL1Loss())
+        OutputLoss(teacher_tap='head.regression_head', student_tap='head.regression_head', \
+loss=SmoothL1Loss(), weight=1.0)
     """
 
     teacher_tap: str
@@ -184,7 +194,33 @@ class Distiller(nn.Module):
 
     ``forward`` returns ``{"task/<name>": ..., "distill/<name>": weighted term, ...}``: sum the
     values for the objective. Trainable: the student, the projections and any learned part of a
-    loss (e.g. FreeKD's MLP gate); never the teacher or the prompts.
+    loss (e.g. FreeKD's MLP gate); never the teacher or the prompts. Hooks stay on teacher and
+    student until :meth:`remove_hooks` (or the end of a ``with`` block).
+
+    Raises:
+        ValueError: a bad ``projection`` / ``nonfinite`` / ``loss_weights``, taps that do not
+            correspond one to one, or features that need a projection with
+            ``projection="none"``; :class:`~freekd.taps.TapError` for a bad tap.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from freekd import FeatureMSE
+        >>> teacher = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 1, 1))
+        >>> student = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 1, 1))
+        >>> images = torch.randn(2, 3, 8, 8)
+        >>> with Distiller(
+        ...     teacher, student, teacher_taps=["0"], student_taps=["0"],
+        ...     feature_losses={"mse": FeatureMSE()},
+        ...     task_loss=lambda model, batch: model(batch).square().mean(),
+        ...     example_batch=images,
+        ... ) as distiller:
+        ...     terms = distiller(images)
+        ...     sum(terms.values()).backward()
+        >>> sorted(terms), distiller.projections[0]  # 4 -> 8 channels: a 1x1 conv
+        (['distill/mse', 'task'], Projection(
+          (conv): Conv2d(4, 8, kernel_size=(1, 1), stride=(1, 1))
+        ))
     """
 
     def __init__(
@@ -353,9 +389,16 @@ class Distiller(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def remove_hooks(self) -> None:
-        """Detach the taps from teacher and student (the models work alone again)."""
+        """Detach the taps from teacher and student (the models work alone again; idempotent)."""
         self._teacher_taps.remove()
         self._student_taps.remove()
+
+    def __enter__(self) -> Distiller:
+        """``with Distiller(...) as distiller:``; the hooks are removed on leaving the block."""
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove_hooks()
 
 
 def copy_submodule(source: nn.Module, target: nn.Module, path: str) -> None:
@@ -397,7 +440,7 @@ def nonfinite_message(sources: Sequence[str]) -> str:
     if sources[0].startswith("teacher"):
         cause = (
             "the frozen teacher produced it: check the teacher checkpoint and the input data "
-            "(NaN/Inf pixels, unnormalised values), or run the teacher in float32"
+            "(NaN/Inf pixels, unnormalized values), or run the teacher in float32"
         )
     else:
         cause = (

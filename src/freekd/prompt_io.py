@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from ._io import save_safetensors
+from ._version import __version__
 
 if TYPE_CHECKING:
     from .losses.freekd import FreeKDLoss
 
-__all__ = ["load_prompts", "prompt_config", "save_prompts"]
+__all__ = ["copy_prompts", "load_prompts", "prompt_config", "read_prompt_file", "save_prompts"]
 
 FORMAT = "freekd-prompts/1"
 _CHECKED = ("channels", "num_prompts", "granularity", "levels", "wavelet", "mask_logits")
@@ -54,8 +55,6 @@ def _comparable(key: str, value: object, layers: int) -> object:
 def save_prompts(loss: FreeKDLoss, path: str | os.PathLike, resynthesis: str | None = None) -> Path:
     """Write ``loss``'s prompt tokens and configuration to ``path`` (atomically);
     ``resynthesis`` (the stage-1 re-synthesis, when known) is recorded for information."""
-    from . import __version__
-
     tensors = {
         f"prompts.{i}.tokens": prompt.tokens.float() for i, prompt in enumerate(loss.prompts)
     }
@@ -69,6 +68,42 @@ def save_prompts(loss: FreeKDLoss, path: str | os.PathLike, resynthesis: str | N
     if resynthesis is not None:
         metadata["resynthesis"] = json.dumps(resynthesis)
     return save_safetensors(tensors, path, metadata)
+
+
+def _differences(
+    source: dict[str, object], expected: dict[str, object], layers: int, source_name: str
+) -> list[str]:
+    """``"key: <source_name> a, loss b"`` for each setting of :data:`_CHECKED` that differs."""
+    return [
+        f"{key}: {source_name} {source[key]!r}, loss {expected[key]!r}"
+        for key in _CHECKED
+        if _comparable(key, source[key], layers) != _comparable(key, expected[key], layers)
+    ]
+
+
+def copy_prompts(source: FreeKDLoss, target: FreeKDLoss) -> None:
+    """Copy ``source``'s prompt tokens and their tuned flags into ``target`` (in memory, no file),
+    after checking that both were built for the same channels, ``T``, granularity, levels,
+    wavelet and mask logits.
+
+    Raises:
+        ValueError: naming each setting that differs.
+    """
+    differences = _differences(
+        prompt_config(source), prompt_config(target), len(target.channels), "source"
+    )
+    if differences:
+        raise ValueError(
+            "cannot copy prompts made for another configuration ("
+            + "; ".join(differences)
+            + "): build the loss with the source's settings (FreeKDLoss.preset(..., "
+            "**overrides)) or tune prompts for this one"
+        )
+    with torch.no_grad():
+        for mine, theirs in zip(target.prompts, source.prompts, strict=True):
+            mine.tokens.copy_(theirs.tokens)
+            mine.tuned.copy_(theirs.tuned)
+    target.reset_tuned_check()
 
 
 def read_prompt_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
@@ -109,14 +144,8 @@ def load_prompts(loss: FreeKDLoss, path: str | os.PathLike) -> None:
     for the same channels, ``T``, granularity, levels, wavelet and mask logits. Marks them tuned
     when the file says they were."""
     tensors, config = read_prompt_file(path)
-    expected = prompt_config(loss)
-    layers = len(loss.channels)
     saved = {key: config.get(key, _DEFAULTS.get(key)) for key in _CHECKED}
-    differences = [
-        f"{key}: file {saved[key]!r}, loss {expected[key]!r}"
-        for key in _CHECKED
-        if _comparable(key, saved[key], layers) != _comparable(key, expected[key], layers)
-    ]
+    differences = _differences(saved, prompt_config(loss), len(loss.channels), "file")
     if differences:
         raise ValueError(
             f"prompts in {str(path)!r} were made for another configuration ("

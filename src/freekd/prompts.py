@@ -32,8 +32,12 @@ __all__ = [
     "GRANULARITIES",
     "MASK_LOGITS",
     "RESYNTHESES",
+    "Dissimilarity",
     "FrequencyPrompt",
+    "Granularity",
+    "MaskLogits",
     "PromptMasks",
+    "Resynthesis",
     "mask_overlap",
 ]
 
@@ -57,7 +61,7 @@ def _unit_pixels(band: Tensor) -> Tensor:
     """Each pixel vector of ``band: [N, C, ...]`` (over the channels, dim 1) divided by its L2
     norm, clamped at ``1e-12`` (an all-zero pixel stays zero). Same shape as ``band``.
 
-    Equivalently the band RMS-normalised over the channels and divided by ``sqrt(C)``.
+    Equivalently the band RMS-normalized over the channels and divided by ``sqrt(C)``.
     """
     return band / torch.linalg.vector_norm(band, dim=1, keepdim=True).clamp_min(_NORM_EPS)
 
@@ -102,8 +106,22 @@ class FrequencyPrompt(nn.Module):
         mask_logits: how a mask's logits are formed from a token ``P: [C]`` and a pixel vector
             ``r: [C]`` of the band: ``"raw"`` ``<P, r>`` (paper, official); ``"scaled"``
             ``<P, r> / sqrt(C)``; ``"normalized"`` ``<P, r / max(|r|, 1e-12)>`` (equivalently
-            ``r`` RMS-normalised over the channels, the product divided by ``sqrt(C)``), which
+            ``r`` RMS-normalized over the channels, the product divided by ``sqrt(C)``), which
             does not depend on the band's magnitude. Used alike in stage 1 and stage 2.
+
+    Raises:
+        ValueError: a bad ``channels``, ``num_prompts``, ``levels``, ``granularity`` or
+            ``mask_logits`` (named, with the valid values).
+
+    Example:
+        >>> import torch
+        >>> from freekd.wavelets import dwt2
+        >>> prompt = FrequencyPrompt(channels=8, num_prompts=2, levels=2, granularity="level")
+        >>> prompt.tokens.shape  # [1 + levels * k, T, C], k = 1 for "level"
+        torch.Size([3, 2, 8])
+        >>> low_masks, high_masks = prompt.masks(dwt2(torch.randn(1, 8, 16, 16), levels=2))
+        >>> low_masks.shape, [tuple(m.shape) for m in high_masks]
+        (torch.Size([1, 2, 1, 4, 4]), [(1, 2, 1, 8, 8), (1, 2, 1, 4, 4)])
     """
 
     def __init__(
@@ -194,7 +212,7 @@ class FrequencyPrompt(nn.Module):
 
         ``resynthesis="sum"`` (DESIGN, default): ``band * sum_t M_t``; ``"centered"``:
         ``band * 2 * mean_t M_t``, which is 1 where the logits are 0, so near-zero tokens (as
-        initialised) leave the bands, and the re-synthesised feature, nearly unchanged. Same
+        initialized) leave the bands, and the re-synthesised feature, nearly unchanged. Same
         structure and shapes as ``bands``; the masks are computed from ``bands`` unless given.
         """
         check_choice("resynthesis", resynthesis, RESYNTHESES)

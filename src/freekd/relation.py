@@ -7,10 +7,10 @@ For a feature ``F: [N, C, h, w]`` and the next (coarser) feature ``F_next`` resi
     omega = C * (mean over rows of A): [N, C]      (mean 1 over channels: each row sums to 1)
 
 :class:`RelationalGate` combines the teacher's and the projected student's weights,
-``omega = normalise(omega_t * omega_s)`` to mean 1 over channels, under ``no_grad`` (computed in
+``omega = normalize(omega_t * omega_s)`` to mean 1 over channels, under ``no_grad`` (computed in
 log space: the softmax saturates on real maps and single weights underflow). The optional
 learned gate (``gate="mlp"``) multiplies that by ``2 * sigmoid(MLP(omega))``, whose last layer
-starts at zero so that training starts from the parameter-free weight; its output is normalised the
+starts at zero so that training starts from the parameter-free weight; its output is normalized the
 same way and it is trained with the student.
 
 Options (``docs/deviations.md``): ``kind="cosine"`` replaces the logits by the cosine similarity of
@@ -30,14 +30,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_choice, check_positive_float, check_positive_int
+from ._deprecation import renamed
 
 __all__ = [
     "GATES",
     "RELATION_KINDS",
     "RELATION_SOURCES",
+    "Gate",
+    "RelationKind",
+    "RelationSource",
     "RelationalGate",
     "effective_channels",
-    "normalise_log_weight",
+    "normalize_log_weight",
     "relational_log_weight",
     "relational_weight",
 ]
@@ -143,7 +147,7 @@ def _cosine_logits(feature: Tensor, next_feature: Tensor | None) -> Tensor:
 def effective_channels(omega: Tensor) -> Tensor:
     """Participation ratio ``(sum_c omega_c)^2 / sum_c omega_c^2`` of channel weights
     ``omega: [N, C]`` -> ``[N]``: ``C`` for uniform weights, 1 when one channel holds all the
-    weight. A diagnostic of how many channels a relational weight distils."""
+    weight. A diagnostic of how many channels a relational weight distills."""
     wide = omega.double()
     return (wide.sum(dim=1).square() / wide.square().sum(dim=1)).to(omega.dtype)
 
@@ -185,9 +189,9 @@ def _upsample_adjoint(feature: Tensor, coarse_size: torch.Size) -> Tensor:
     )
 
 
-def normalise_log_weight(log_weight: Tensor) -> Tensor:
-    """Channel weight ``[N, C]`` with mean 1 over channels from unnormalised log weights:
-    ``C * softmax(log_weight)`` (never all zero, unlike normalising underflowed products)."""
+def normalize_log_weight(log_weight: Tensor) -> Tensor:
+    """Channel weight ``[N, C]`` with mean 1 over channels from unnormalized log weights:
+    ``C * softmax(log_weight)`` (never all zero, unlike normalizing underflowed products)."""
     return log_weight.shape[1] * torch.softmax(log_weight, dim=1)
 
 
@@ -197,8 +201,19 @@ class RelationalGate(nn.Module):
     ``gate="parameter-free"`` (default) has no parameters; ``gate="mlp"`` adds a small learned
     MLP (``C -> C // reduction -> C``), trained with the student and not part of it.
     ``kind`` and ``temperature``: see :func:`relational_weight`. ``source="product"`` (default)
-    combines the teacher's and the student's weights, ``normalise(omega_t * omega_s)``;
+    combines the teacher's and the student's weights, ``normalize(omega_t * omega_s)``;
     ``"teacher"`` uses the teacher's alone. Every kind and source works with either gate.
+
+    Raises:
+        ValueError: a bad ``channels``, ``reduction``, ``gate``, ``kind``, ``temperature`` or
+            ``source`` (named, with the valid values).
+
+    Example:
+        >>> import torch
+        >>> gate = RelationalGate(8)
+        >>> omega = gate(torch.randn(2, 8, 16, 16), torch.randn(2, 8, 16, 16))
+        >>> omega.shape, torch.allclose(omega.mean(dim=1), torch.ones(2))
+        (torch.Size([2, 8]), True)
     """
 
     def __init__(
@@ -247,14 +262,17 @@ class RelationalGate(nn.Module):
                 log_omega = log_omega + relational_log_weight(
                     student, student_next, self.kind, self.temperature
                 )
-            omega = normalise_log_weight(log_omega)
+            omega = normalize_log_weight(log_omega)
         if self.mlp is None:
             return omega
-        # omega * 2 sigmoid(z), renormalised; the factor 2 cancels.
-        return normalise_log_weight(log_omega + F.logsigmoid(self.mlp(omega)))
+        # omega * 2 sigmoid(z), renormalized; the factor 2 cancels.
+        return normalize_log_weight(log_omega + F.logsigmoid(self.mlp(omega)))
 
     def extra_repr(self) -> str:
         text = f"channels={self.channels}, gate={self.gate!r}"
         if (self.kind, self.source) != ("raw", "product"):
             text += f", kind={self.kind!r}, temperature={self.temperature}, source={self.source!r}"
         return text
+
+
+__getattr__ = renamed(__name__, {"normalise_log_weight": "normalize_log_weight"}, globals())

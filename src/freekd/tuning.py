@@ -16,7 +16,7 @@ prints them as a table.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_choice
+from .frozen import TaskLoss, freeze, loss_terms
 from .losses.freekd import FreeKDLoss
 from .prompts import RESYNTHESES, PromptMasks, Resynthesis
 from .taps import FeatureTaps
@@ -53,51 +54,6 @@ Diagnostics = dict[str, Any]
 """``{"clean_task": float, "resynthesized_task": float, "task_ratio": float, "masks":
 {"layer{i}": {"low" | "level{j}": {"saturated": float, "mean": float}}}}``."""
 
-TaskLoss = Callable[[nn.Module, Any], Tensor | Mapping[str, Tensor]]
-"""``task_loss(model, batch)``: runs ``model`` on ``batch`` and returns its loss, a scalar or a
-dict of named scalars (as torchvision detectors return in train mode)."""
-
-_FROZEN_LAYER_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.LocalResponseNorm,
-    nn.modules.dropout._DropoutNd,
-)
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """Set ``requires_grad=False`` on every parameter, drop stale gradients, and put norm and
-    dropout layers in eval mode.
-
-    The model's own ``training`` flags stay as they are elsewhere, so models that return their
-    losses only in train mode (torchvision detectors) still do.
-    """
-    model.requires_grad_(False)
-    for parameter in model.parameters():
-        parameter.grad = None  # a frozen model holds no gradients (e.g. left from its training)
-    for module in model.modules():
-        if isinstance(module, _FROZEN_LAYER_TYPES):
-            module.eval()
-    return model
-
-
-def loss_terms(output: Tensor | Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """A task loss (scalar or dict of scalars) as ``{"{prefix}/{name}": scalar}``."""
-    if isinstance(output, Tensor):
-        if output.dim() != 0:
-            raise ValueError(
-                f"the task loss must be a scalar or a dict of scalars, got a tensor of shape "
-                f"{tuple(output.shape)}: reduce it (e.g. .mean())"
-            )
-        return {prefix: output}
-    if isinstance(output, Mapping) and output:
-        return {f"{prefix}/{name}": value for name, value in output.items()}
-    raise TypeError(
-        f"the task loss must return a scalar tensor or a non-empty dict of them, got "
-        f"{type(output).__name__}"
-    )
-
 
 class PromptTuner(nn.Module):
     """The frozen teacher with prompt-masked re-synthesis at its taps; trains ``loss.prompts``.
@@ -118,7 +74,28 @@ class PromptTuner(nn.Module):
     ``forward(batch)`` returns ``{"loss": task + lambda * dissimilarity, "task": ...,
     "dissimilarity": ..., "task/<name>": ...}``. Train :meth:`trainable_parameters` (the prompt
     tokens; a learned relational gate of the loss belongs to stage 2). Save the result with
-    ``loss.save_prompts(path)``.
+    ``loss.save_prompts(path)``. The hooks stay on the teacher until :meth:`remove_hooks` (or
+    the end of a ``with`` block).
+
+    Raises:
+        ValueError: a bad ``resynthesis``; at run time, taps whose features do not match the
+            loss's prompts (count or channels).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from freekd import FreeKDLoss
+        >>> teacher = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 1, 1))
+        >>> loss = FreeKDLoss.preset("paper", [8], levels=2)
+        >>> images = torch.randn(2, 3, 16, 16)
+        >>> with PromptTuner(teacher, ["0"], loss, lambda m, x: m(x).square().mean()) as tuner:
+        ...     optimizer = torch.optim.Adam(tuner.trainable_parameters(), lr=0.01)
+        ...     terms = tuner(images)
+        ...     terms["loss"].backward()
+        ...     optimizer.step()
+        ...     tuner.mark_tuned()
+        >>> sorted(terms), bool(loss.prompts[0].tuned)
+        (['dissimilarity', 'loss', 'task'], True)
     """
 
     def __init__(
@@ -138,7 +115,7 @@ class PromptTuner(nn.Module):
         self.loss.prompts.requires_grad_(True)
         self.task_loss = task_loss
         self.dissimilarity_weight = float(dissimilarity_weight)
-        self.taps = FeatureTaps(teacher, taps, replace=self._resynthesise)
+        self.taps = FeatureTaps(teacher, taps, replace=self._resynthesize)
         self._masks: dict[int, Any] = {}
 
     def train(self, mode: bool = True) -> PromptTuner:
@@ -146,7 +123,7 @@ class PromptTuner(nn.Module):
         freeze(self.teacher)  # norm and dropout layers stay in eval mode
         return self
 
-    def _resynthesise(self, index: int, feature: Tensor) -> Tensor:
+    def _resynthesize(self, index: int, feature: Tensor) -> Tensor:
         """Replace tapped feature ``index`` (``[N, C, H, W]``) by its prompt-masked re-synthesis."""
         if index >= len(self.loss.prompts):
             raise ValueError(
@@ -250,6 +227,17 @@ class PromptTuner(nn.Module):
         for prompt in self.loss.prompts:
             prompt.mark_tuned()
         self.loss.reset_tuned_check()
+
+    def remove_hooks(self) -> None:
+        """Detach the taps from the teacher (it computes its own features again; idempotent)."""
+        self.taps.remove()
+
+    def __enter__(self) -> PromptTuner:
+        """``with PromptTuner(...) as tuner:``; the hooks are removed on leaving the block."""
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove_hooks()
 
 
 # ---------------------------------------------------------------------------- diagnostics

@@ -3,7 +3,7 @@
 ``prompt_mask_grid(image, layer_masks)`` draws one row per distilled layer: the input image, then
 for the low band and each level ``j`` the mask averaged over the ``T`` tokens (and orientations),
 then each token's mask of the finest level, every map upsampled to the image and blended over it
-with a colour map. ``render_prompt_masks(teacher, taps, loss, image, path)`` runs the teacher on
+with a color map. ``render_prompt_masks(teacher, taps, loss, image, path)`` runs the teacher on
 one image, computes the masks from its tapped features and writes the picture (PNG).
 
 Only PIL (a torchvision dependency) is used for drawing.
@@ -19,14 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._deprecation import renamed
 from .losses.freekd import FreeKDLoss
 from .prompts import PromptMasks
 from .taps import FeatureTaps
 from .wavelets import dwt2
 
-__all__ = ["colourise", "prompt_mask_grid", "render_prompt_masks"]
+__all__ = ["colorize", "prompt_mask_grid", "render_prompt_masks"]
 
-# Anchor colours of a perceptually ordered map (dark blue -> teal -> yellow), interpolated.
+# Anchor colors of a perceptually ordered map (dark blue -> teal -> yellow), interpolated.
 _ANCHORS = torch.tensor(
     [
         [0.27, 0.00, 0.33],
@@ -38,7 +39,7 @@ _ANCHORS = torch.tensor(
 )
 
 
-def colourise(values: Tensor) -> Tensor:
+def colorize(values: Tensor) -> Tensor:
     """``values: [H, W]`` in ``[0, 1]`` -> ``[3, H, W]`` RGB in ``[0, 1]``."""
     scaled = values.clamp(0, 1) * (len(_ANCHORS) - 1)
     low = scaled.floor().long().clamp(max=len(_ANCHORS) - 2)
@@ -48,7 +49,7 @@ def colourise(values: Tensor) -> Tensor:
 
 
 def _to_display(image: Tensor) -> Tensor:
-    """An image ``[3, H, W]`` (any range, e.g. normalised) stretched to ``[0, 1]`` for display."""
+    """An image ``[3, H, W]`` (any range, e.g. normalized) stretched to ``[0, 1]`` for display."""
     image = image.detach().float().cpu()
     if image.shape[0] == 1:
         image = image.expand(3, -1, -1)
@@ -60,7 +61,7 @@ def _overlay(image: Tensor, mask: Tensor, alpha: float = 0.6) -> Tensor:
     """Blend ``mask: [h, w]`` (in ``[0, 1]``, upsampled to the image) over ``image: [3, H, W]``."""
     size = image.shape[-2:]
     mask = F.interpolate(mask[None, None].float(), size=size, mode="bilinear", align_corners=False)
-    return (1 - alpha) * image + alpha * colourise(mask[0, 0])
+    return (1 - alpha) * image + alpha * colorize(mask[0, 0])
 
 
 def prompt_mask_grid(
@@ -133,3 +134,6 @@ def render_prompt_masks(
         for prompt, feature in zip(loss.prompts, features, strict=True)
     ]
     return save_image(prompt_mask_grid(image, layer_masks), path)
+
+
+__getattr__ = renamed(__name__, {"colourise": "colorize"}, globals())

@@ -141,7 +141,18 @@ def auto_levels(
     ``ceil(n / 2)`` per level for Haar) is at least ``min_band`` on both sides; at least 1.
     E.g. with the defaults, 32x32 -> 3 (16, 8, 4), 8x8 -> 2 (4, 2), 4x4 -> 1. Pass the result as
     ``FreeKDLoss(levels=...)``: the loss builds its prompts at construction, so it needs the
-    levels then, and this helper needs the sizes (from one forward pass of the teacher).
+    levels then, and this helper needs the sizes (from one forward pass of the teacher, e.g.
+    :func:`freekd.taps.probe_features`).
+
+    Returns:
+        One level count per layer, each in ``1..max_levels``.
+
+    Raises:
+        ValueError: a size is not two positive integers, or ``min_band`` / ``max_levels`` < 1.
+
+    Example:
+        >>> auto_levels([(32, 32), (8, 8), (4, 4)])
+        [3, 2, 1]
     """
     check_positive_int("min_band", min_band)
     check_positive_int("max_levels", max_levels)
@@ -290,9 +301,24 @@ def _conv_synthesis(low: Tensor, high: Tensor, wavelet: str) -> Tensor:
 def dwt2(x: Tensor, levels: int = 3, wavelet: str = "haar") -> WaveletBands:
     """Multi-level 2-D DWT of ``x: [N, C, H, W]`` (PyWavelets' ``wavedec2``, mode ``"zero"``).
 
-    Returns ``(low, highs)``: ``low: [N, C, H_J, W_J]``; ``highs[j - 1]: [N, C, 3, h_j, w_j]`` for
-    levels ``j = 1..levels``, finest first, orientations (cH, cV, cD). Differentiable; any float
-    dtype; bands keep ``x``'s dtype and device.
+    Differentiable; any float dtype; bands keep ``x``'s dtype and device (also under autocast).
+    Haar runs as reshapes and adds, other orthogonal wavelets as strided convolutions.
+
+    Returns:
+        ``(low, highs)``: ``low: [N, C, H_J, W_J]``; ``highs[j - 1]: [N, C, 3, h_j, w_j]`` for
+        levels ``j = 1..levels``, finest first, orientations (cH, cV, cD) in PyWavelets' order
+        and signs; sizes ``ceil(n / 2)`` per level for Haar (:func:`band_sizes`).
+
+    Raises:
+        ValueError: ``x`` is not ``[N, C, H, W]`` with ``C, H, W >= 1``, ``levels < 1``, or the
+            wavelet is unknown or not orthogonal.
+        TypeError: ``x`` is not floating point.
+
+    Example:
+        >>> import torch
+        >>> low, highs = dwt2(torch.randn(2, 4, 16, 16), levels=3)
+        >>> low.shape, [tuple(h.shape) for h in highs]
+        (torch.Size([2, 4, 2, 2]), [(2, 4, 3, 8, 8), (2, 4, 3, 4, 4), (2, 4, 3, 2, 2)])
     """
     check_positive_int("levels", levels)
     if not isinstance(x, Tensor) or x.dim() != 4:
@@ -349,6 +375,21 @@ def idwt2(bands: WaveletBands, wavelet: str = "haar", size: Sequence[int] | None
     Like PyWavelets' ``waverec2``, an intermediate approximation one pixel larger than the next
     detail band is cropped to it, and the result is returned uncropped (``H' >= H``) unless
     ``size=(H, W)`` is given.
+
+    Returns:
+        The reconstruction ``[N, C, H', W']`` (``[N, C, H, W]`` with ``size``), in the bands'
+        dtype.
+
+    Raises:
+        ValueError: ``bands`` is not the pair :func:`dwt2` returns, the bands do not fit each
+            other, or ``size`` is larger than the reconstruction.
+        TypeError: the bands are not floating point or differ in dtype.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(1, 3, 15, 9, dtype=torch.float64)
+        >>> torch.allclose(idwt2(dwt2(x, 2), size=x.shape[-2:]), x)
+        True
     """
     low, highs = _check_bands(bands)
     haar = _is_haar(wavelet)
@@ -390,7 +431,14 @@ def idwt2(bands: WaveletBands, wavelet: str = "haar", size: Sequence[int] | None
 
 
 class DWT2d(nn.Module):
-    """Module form of :func:`dwt2` (no parameters)."""
+    """Module form of :func:`dwt2` (no parameters): ``DWT2d(levels, wavelet)(x) -> (low, highs)``.
+
+    Example:
+        >>> import torch
+        >>> low, highs = DWT2d(levels=2)(torch.randn(1, 2, 8, 8))
+        >>> low.shape, len(highs)
+        (torch.Size([1, 2, 2, 2]), 2)
+    """
 
     def __init__(self, levels: int = 3, wavelet: str = "haar") -> None:
         super().__init__()
@@ -406,7 +454,14 @@ class DWT2d(nn.Module):
 
 
 class IDWT2d(nn.Module):
-    """Module form of :func:`idwt2` (no parameters)."""
+    """Module form of :func:`idwt2` (no parameters): ``IDWT2d(wavelet)(bands, size) -> x``.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+        >>> torch.allclose(IDWT2d()(DWT2d(levels=2)(x)), x)
+        True
+    """
 
     def __init__(self, wavelet: str = "haar") -> None:
         super().__init__()

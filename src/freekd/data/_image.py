@@ -45,7 +45,7 @@ def load_mask(path: str | os.PathLike) -> torch.Tensor:
                 raise ValueError(
                     f"mask {path} has PIL mode {mode!r} ({len(opened.getbands())} channels); "
                     "masks must be single-channel PNGs (mode L or P) whose pixel values are the "
-                    "class ids: convert colour-coded masks to class ids first"
+                    "class ids: convert color-coded masks to class ids first"
                 )
             array = np.array(opened)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
@@ -58,7 +58,7 @@ def load_mask(path: str | os.PathLike) -> torch.Tensor:
 def to_uint8_image(image: torch.Tensor, what: str = "image") -> np.ndarray:
     """``FloatTensor [3, H, W]`` in ``[0, 1]`` -> ``uint8 [H, W, 3]`` (rounded).
 
-    Raises ``ValueError`` for other shapes or for values clearly outside ``[0, 1]`` (a normalised
+    Raises ``ValueError`` for other shapes or for values clearly outside ``[0, 1]`` (a normalized
     image): pass the dataset without its ``Normalize`` transform.
     """
     if image.ndim != 3 or image.shape[0] != 3:
@@ -66,7 +66,7 @@ def to_uint8_image(image: torch.Tensor, what: str = "image") -> np.ndarray:
     low, high = float(image.min()), float(image.max())
     if low < -1e-3 or high > 1 + 1e-3:
         raise ValueError(
-            f"{what} values lie in [{low:.3f}, {high:.3f}], not [0, 1]: it looks normalised; "
+            f"{what} values lie in [{low:.3f}, {high:.3f}], not [0, 1]: it looks normalized; "
             "write the dataset without its Normalize transform"
         )
     array = image.detach().cpu().float().clamp(0, 1).mul(255).round().to(torch.uint8)

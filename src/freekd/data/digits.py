@@ -2,9 +2,9 @@
 
 Each scene is generated on the fly from scikit-learn's bundled handwritten digits
 (``sklearn.datasets.load_digits()``: 1797 grey 8x8 images of the digits 0-9, no download):
-1-6 digits, each upsampled smoothly (bicubic) to a random size and aspect, coloured to contrast
+1-6 digits, each upsampled smoothly (bicubic) to a random size and aspect, colored to contrast
 with the background under it, placed at a random position; later digits occlude earlier ones.
-The background is a random base colour with low-frequency colour variation, stripes and soft
+The background is a random base color with low-frequency color variation, stripes and soft
 blobs (``clutter`` scales them), and Gaussian pixel noise (``noise``) is added on top.
 
 Ground truth comes from the rendering itself. A digit's pixels are those where its upsampled
@@ -138,7 +138,7 @@ class DigitScenes(Dataset):
             scene keeps at least one).
         digit_scale: ``(lo, hi)``: digit height as a fraction of ``size``, uniform in the range.
         noise: standard deviation of the Gaussian pixel noise (image values in ``[0, 1]``).
-        clutter: strength of the background texture (stripes, blobs, colour variation);
+        clutter: strength of the background texture (stripes, blobs, color variation);
             0 gives a smooth background.
         contrast: ``(lo, hi)``: luminance difference between a digit and the background
             under it, uniform in the range (lower is harder).
@@ -147,7 +147,7 @@ class DigitScenes(Dataset):
             and any earlier box.
         min_visible: digits with a smaller visible fraction of their pixels are not drawn.
         transforms: optional joint transform ``(image, target_or_mask) -> same`` (see
-            :mod:`freekd.data.transforms`); images stay in ``[0, 1]`` unless it normalises.
+            :mod:`freekd.data.transforms`); images stay in ``[0, 1]`` unless it normalizes.
 
     ``num_classes`` is 10 for detection (labels 1..10; background 0 is implicit, as in
     torchvision detectors) and 11 for segmentation (class 0 = background); ``class_names``
@@ -286,7 +286,7 @@ class DigitScenes(Dataset):
 
 
 def _background(rng: np.random.Generator, size: int, clutter: float) -> np.ndarray:
-    """float32 ``[size, size, 3]``: base colour + low-frequency colour variation + stripes +
+    """float32 ``[size, size, 3]``: base color + low-frequency color variation + stripes +
     soft blobs (the texture amplitudes scale with ``clutter``)."""
     base = rng.uniform(0.15, 0.85, size=3).astype(np.float32)
     grid = int(rng.integers(2, 6))
@@ -309,17 +309,17 @@ def _background(rng: np.random.Generator, size: int, clutter: float) -> np.ndarr
         )
         image += (amplitude * wave.astype(np.float32))[:, :, None] * direction
     for _ in range(int(rng.poisson(2.5 * clutter)) if clutter > 0 else 0):
-        centre_y, centre_x = rng.uniform(0, size, size=2)
+        center_y, center_x = rng.uniform(0, size, size=2)
         sigma = rng.uniform(0.03, 0.12) * size
-        colour = rng.uniform(0, 1, size=3).astype(np.float32)
+        color = rng.uniform(0, 1, size=3).astype(np.float32)
         opacity = rng.uniform(0.2, 0.6) * min(1.0, clutter)
-        # Blend within 3 sigma of the centre only (the weight is < 1.2 % of the peak outside).
-        rows = slice(max(0, int(centre_y - 3 * sigma)), min(size, int(centre_y + 3 * sigma) + 1))
-        cols = slice(max(0, int(centre_x - 3 * sigma)), min(size, int(centre_x + 3 * sigma) + 1))
-        along_y = np.exp(-0.5 * ((axis[rows] - centre_y) / sigma) ** 2)
-        along_x = np.exp(-0.5 * ((axis[cols] - centre_x) / sigma) ** 2)
+        # Blend within 3 sigma of the center only (the weight is < 1.2 % of the peak outside).
+        rows = slice(max(0, int(center_y - 3 * sigma)), min(size, int(center_y + 3 * sigma) + 1))
+        cols = slice(max(0, int(center_x - 3 * sigma)), min(size, int(center_x + 3 * sigma) + 1))
+        along_y = np.exp(-0.5 * ((axis[rows] - center_y) / sigma) ** 2)
+        along_x = np.exp(-0.5 * ((axis[cols] - center_x) / sigma) ** 2)
         weight = (opacity * np.outer(along_y, along_x))[:, :, None].astype(np.float32)
-        image[rows, cols] = image[rows, cols] * (1 - weight) + colour * weight
+        image[rows, cols] = image[rows, cols] * (1 - weight) + color * weight
     return image.astype(np.float32)
 
 
@@ -430,17 +430,17 @@ def _instance_map(size: int, placed: list[_Placed]) -> np.ndarray:
     return instances
 
 
-def _pick_colour(rng: np.random.Generator, under: np.ndarray, contrast: tuple[float, float]):
-    """An RGB colour whose mean differs from the mean of ``under`` by about ``contrast``."""
+def _pick_color(rng: np.random.Generator, under: np.ndarray, contrast: tuple[float, float]):
+    """An RGB color whose mean differs from the mean of ``under`` by about ``contrast``."""
     background = float(under.mean())
     difference = rng.uniform(*contrast)
     darker = background - difference >= 0 and (
         background + difference > 1 or rng.random() < background
     )
     target = background - difference if darker else background + difference
-    colour = target + rng.normal(0.0, 0.12, size=3)
-    colour += target - colour.mean()  # keep the luminance difference, vary the hue
-    return np.clip(colour, 0.0, 1.0).astype(np.float32)
+    color = target + rng.normal(0.0, 0.12, size=3)
+    color += target - color.mean()  # keep the luminance difference, vary the hue
+    return np.clip(color, 0.0, 1.0).astype(np.float32)
 
 
 def _render(scenes: DigitScenes, rng: np.random.Generator) -> DigitScene:
@@ -462,8 +462,8 @@ def _render(scenes: DigitScenes, rng: np.random.Generator) -> DigitScene:
     for item in placed:
         region = item.region()
         alpha = np.clip((item.intensity - INK_THRESHOLD + _EDGE) / (2 * _EDGE), 0.0, 1.0)
-        colour = _pick_colour(rng, image[region], scenes.contrast)
-        image[region] = image[region] * (1 - alpha[:, :, None]) + colour * alpha[:, :, None]
+        color = _pick_color(rng, image[region], scenes.contrast)
+        image[region] = image[region] * (1 - alpha[:, :, None]) + color * alpha[:, :, None]
     if scenes.noise > 0:
         image += scenes.noise * rng.standard_normal(image.shape, dtype=np.float32)
     np.clip(image, 0.0, 1.0, out=image)

@@ -2,7 +2,7 @@
 
 Items are ``(image, mask)`` with ``image: FloatTensor [3, H, W]`` in ``[0, 1]`` (add
 ``Normalize`` to the transforms, as ``default_segmentation_transforms`` does, for ImageNet
-normalisation) and ``mask: Int64Tensor [H, W]`` holding class ids ``0..C-1`` and
+normalization) and ``mask: Int64Tensor [H, W]`` holding class ids ``0..C-1`` and
 ``ignore_index`` (255) for pixels that are not scored.
 """
 
@@ -52,7 +52,7 @@ def _check_mask(
         raise ValueError(
             f"mask {mask_path} has values {invalid.tolist()[:10]} outside the class ids "
             f"0..{num_classes - 1} and ignore_index {ignore_index}; set num_classes to cover them, "
-            f"or map them to {ignore_index} (pixel values must be class ids, not colours)"
+            f"or map them to {ignore_index} (pixel values must be class ids, not colors)"
         )
 
 

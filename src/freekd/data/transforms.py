@@ -5,11 +5,11 @@ Every transform is called as ``transform(image, target) -> (image, target)`` wit
 ``image: FloatTensor [3, H, W]`` and ``target`` either a detection dict (``boxes: [K, 4]`` xyxy
 pixels, ``labels``, ``area``, ...) or a segmentation ``mask: Int64Tensor [H, W]``; both kinds go
 through the same classes. The geometry is done by ``torchvision.transforms.v2.functional`` on
-``tv_tensors`` (boxes follow the image, masks are resized with nearest neighbours), and the
+``tv_tensors`` (boxes follow the image, masks are resized with nearest neighbors), and the
 results are plain tensors again. Random choices come from torch's global RNG, so restoring
 ``torch.get_rng_state()`` (as a resumed training run does) reproduces them.
 
-:class:`TorchvisionTransform` wraps any ``torchvision.transforms.v2`` transform (colour jitter,
+:class:`TorchvisionTransform` wraps any ``torchvision.transforms.v2`` transform (color jitter,
 affine, ...) into the same calling convention.
 """
 
@@ -115,7 +115,7 @@ class Compose:
 
 
 class Resize:
-    """Resize the image and its boxes (scaled) or mask (nearest neighbour).
+    """Resize the image and its boxes (scaled) or mask (nearest neighbor).
 
     Args:
         size: an int resizes the *shorter* side to ``size`` keeping the aspect ratio (the
@@ -313,7 +313,7 @@ def default_detection_transforms(
     """Detection pipeline: ``Resize(size, max_size)`` (when ``size`` is given), then, for
     training, ``RandomHorizontalFlip(hflip_prob)``.
 
-    Images stay in ``[0, 1]``: torchvision detectors normalise (and resize again, to their own
+    Images stay in ``[0, 1]``: torchvision detectors normalize (and resize again, to their own
     ``min_size``/``max_size``) inside the model. Use ``hflip_prob=0`` for data whose classes
     change under mirroring (the ``digits`` scenes, text).
     """

@@ -112,7 +112,7 @@ def _pad(images: Tensor, pad_h: int, pad_w: int, mode: str = "replicate") -> Ten
 
 
 def _gaussian_kernel1d(sigma: float, truncate: float, device: torch.device) -> Tensor:
-    """Normalised Gaussian taps of radius ``int(truncate * sigma + 0.5)`` (scipy's)."""
+    """Normalized Gaussian taps of radius ``int(truncate * sigma + 0.5)`` (scipy's)."""
     radius = max(int(truncate * sigma + 0.5), 0)
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
     weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
@@ -240,10 +240,10 @@ def _saturate(x: Tensor, level: int, gens: Generators) -> Tensor:
     factor, shift = _SATURATE[level]
     value, saturation = _rgb_value_saturation(x)
     new_saturation = (saturation * factor + shift).clamp(0.0, 1.0)
-    coloured = value - (value - x) * new_saturation / saturation.clamp(min=1e-12)
+    colored = value - (value - x) * new_saturation / saturation.clamp(min=1e-12)
     grey_low = value * (1 - new_saturation)
     grey = torch.cat([value, grey_low, grey_low], dim=1)
-    return torch.where(saturation > 0, coloured, grey)
+    return torch.where(saturation > 0, colored, grey)
 
 
 def _contrast(x: Tensor, level: int, gens: Generators) -> Tensor:
@@ -269,11 +269,11 @@ def _plasma_fractal(mapsize: int, decay: float, gens: Generators) -> Tensor:
         square = corners + corners.roll(-1, dims=1)
         square = square + square.roll(-1, dims=2)
         maps[:, half:mapsize:step, half:mapsize:step] = wibbled_mean(square)
-        centres = maps[:, half:mapsize:step, half:mapsize:step]
+        centers = maps[:, half:mapsize:step, half:mapsize:step]
         corners = maps[:, 0:mapsize:step, 0:mapsize:step]
-        left = centres + centres.roll(1, dims=1) + corners + corners.roll(-1, dims=2)
+        left = centers + centers.roll(1, dims=1) + corners + corners.roll(-1, dims=2)
         maps[:, 0:mapsize:step, half:mapsize:step] = wibbled_mean(left)
-        top = centres + centres.roll(1, dims=2) + corners + corners.roll(-1, dims=1)
+        top = centers + centers.roll(1, dims=2) + corners + corners.roll(-1, dims=1)
         maps[:, half:mapsize:step, 0:mapsize:step] = wibbled_mean(top)
         step //= 2
         wibble /= decay
@@ -335,7 +335,7 @@ def _elastic_transform(x: Tensor, level: int, gens: Generators) -> Tensor:
     cols = torch.arange(width, dtype=torch.float32, device=x.device)[None, :]
     sample_y = rows + fields[:, 0]
     sample_x = cols + fields[:, 1]
-    # grid_sample's normalised coordinates with align_corners=True: -1 / 1 = first / last pixel
+    # grid_sample's normalized coordinates with align_corners=True: -1 / 1 = first / last pixel
     grid = torch.stack(
         [
             sample_x / max(width - 1, 1) * 2 - 1,
@@ -435,7 +435,7 @@ def corrupt(
 
     Args:
         images: ``[N, 3, H, W]`` (or one ``[3, H, W]`` image) in ``[0, 1]`` (floating point) or
-            ``0..255`` (``uint8``); before any mean/std normalisation.
+            ``0..255`` (``uint8``); before any mean/std normalization.
         name: one of :data:`ALL_CORRUPTIONS`.
         severity: ``0..5``.
         seed: run seed; with ``index_offset`` it fixes every random draw (see the module

@@ -2,16 +2,16 @@
 
 ``evaluate_robustness(task, model, loader, corruptions="all")`` scores the model on the clean
 images and on every corruption of :mod:`freekd.evaluation.corruptions` at every severity, and
-summarises them as in Michaelis et al. (2019, "Benchmarking robustness in object detection"):
+summarizes them as in Michaelis et al. (2019, "Benchmarking robustness in object detection"):
 
 - ``clean``: the metric on the clean images (``P_clean``);
 - ``mPC``: the mean performance under corruption, the mean of the metric over all corruptions and
   severities;
 - ``rPC``: the relative performance under corruption, ``100 * mPC / clean`` (percent).
 
-The corruptions are applied to images in ``[0, 1]``, before normalisation, as the benchmark does:
-when the loader yields normalised images (the segmentation pipeline's default), pass its
-``normalization=(mean, std)``; the images are un-normalised, corrupted and normalised again.
+The corruptions are applied to images in ``[0, 1]``, before normalization, as the benchmark does:
+when the loader yields normalized images (the segmentation pipeline's default), pass its
+``normalization=(mean, std)``; the images are un-normalized, corrupted and normalized again.
 Corrupted images depend only on the seed and their position in the loader (not on the batch
 size), so two runs with the same seed score the same images.
 """
@@ -34,13 +34,13 @@ __all__ = ["PRIMARY_METRICS", "evaluate_robustness"]
 logger = logging.getLogger("freekd")
 
 PRIMARY_METRICS = {"segmentation": "mIoU", "detection": "AP"}
-"""The metric that ``clean`` / ``mPC`` / ``rPC`` summarise, by task."""
+"""The metric that ``clean`` / ``mPC`` / ``rPC`` summarize, by task."""
 
 Normalization = tuple[Sequence[float], Sequence[float]]
 
 
 class _Normalizer:
-    """Maps normalised images ``[N, 3, H, W]`` to ``[0, 1]`` and back."""
+    """Maps normalized images ``[N, 3, H, W]`` to ``[0, 1]`` and back."""
 
     def __init__(self, normalization: Normalization | None) -> None:
         self.mean: Tensor | None = None
@@ -135,9 +135,9 @@ def evaluate_robustness(
             comma-separated string or a list of names.
         severities: which of ``1..5`` to average (default all five).
         seed: fixes every random corruption (noise, motion direction, fog, elastic field).
-        normalization: ``(mean, std)`` the loader's images were normalised with, or ``None``
+        normalization: ``(mean, std)`` the loader's images were normalized with, or ``None``
             when they are in ``[0, 1]`` (detection pipelines).
-        metric: the summarised score (default ``mIoU`` / ``AP``).
+        metric: the summarized score (default ``mIoU`` / ``AP``).
         **kwargs: passed to :func:`freekd.evaluation.evaluate` (``num_classes``, ``device``...).
 
     Returns:

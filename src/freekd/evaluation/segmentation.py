@@ -33,7 +33,7 @@ class ConfusionMatrix:
 
     :meth:`update` takes class ids ``[N, H, W]`` (or ``[H, W]``) of predictions and ground truth;
     the matrix lives on their device. :meth:`compute` all-reduces over ``torch.distributed``
-    processes when initialised, then returns :func:`segmentation_scores`.
+    processes when initialized, then returns :func:`segmentation_scores`.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:

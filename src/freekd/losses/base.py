@@ -60,6 +60,19 @@ class LayerwiseLoss(nn.Module):
 
     After each call, ``last_terms`` maps ``"layer{i}"`` to that layer's term (times
     ``loss_weight``, detached), for logging.
+
+    Example:
+        >>> import torch
+        >>> class SumL1(LayerwiseLoss):
+        ...     def layer_loss(self, index, student, teacher):
+        ...         return (student[index] - teacher[index]).abs().sum()
+        >>> student = [torch.zeros(1, 2, 4, 4, dtype=torch.bfloat16), torch.zeros(1, 2, 2, 2)]
+        >>> teacher = [torch.ones(1, 2, 4, 4, dtype=torch.bfloat16), torch.ones(1, 2, 2, 2)]
+        >>> loss = SumL1()
+        >>> loss(student, teacher)  # computed in float32
+        tensor(40.)
+        >>> loss.last_terms
+        {'layer0': tensor(32.), 'layer1': tensor(8.)}
     """
 
     channels: list[int] | None = None

@@ -57,7 +57,13 @@ __all__ = [
 @register_loss("mse")
 class FeatureMSE(LayerwiseLoss):
     """FitNet: ``mean over [N, C, H, W] of (s - t)^2`` per layer, summed over layers. (Also the
-    official RetinaNet recipe's extra spatial term, at weight 5.)"""
+    official RetinaNet recipe's extra spatial term, at weight 5.)
+
+    Example:
+        >>> import torch
+        >>> FeatureMSE()([torch.zeros(1, 2, 4, 4)], [torch.full((1, 2, 4, 4), 3.0)])
+        tensor(9.)
+    """
 
     def layer_loss(self, index: int, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
         return F.mse_loss(student[index], teacher[index])
@@ -68,7 +74,17 @@ class ChannelWiseDistillation(LayerwiseLoss):
     """CWD: per channel, ``p = softmax(F / tau)`` over the ``H*W`` positions;
     ``tau^2 / (N*C) * sum over n, c, positions of p_t * (log p_t - log p_s)`` per layer.
 
-    ``tau`` = 1 in the CWD paper's detection runs and 4 in its segmentation runs."""
+    ``tau`` = 1 in the CWD paper's detection runs and 4 in its segmentation runs.
+
+    Raises:
+        ValueError: ``tau`` is not > 0.
+
+    Example:
+        >>> import torch
+        >>> feature = torch.randn(2, 3, 8, 8)
+        >>> ChannelWiseDistillation(tau=4.0)([feature], [feature]).abs().item() < 1e-6
+        True
+    """
 
     def __init__(self, tau: float = 4.0) -> None:
         super().__init__()
@@ -97,6 +113,15 @@ class MaskedGenerativeDistillation(LayerwiseLoss):
     (its parameters belong in the student's optimizer; :meth:`Distiller.trainable_parameters`
     includes them). Defaults are MGD's: ``alpha`` 2e-5, ``mask_ratio`` 0.65 (detection; its
     segmentation runs used 0.75).
+
+    Raises:
+        ValueError: bad ``channels``, ``alpha`` (> 0) or ``mask_ratio`` (in ``[0, 1)``).
+
+    Example:
+        >>> import torch
+        >>> loss = MaskedGenerativeDistillation(channels=[4])
+        >>> loss([torch.randn(2, 4, 8, 8)], [torch.randn(2, 4, 8, 8)]).shape
+        torch.Size([])
     """
 
     def __init__(
@@ -137,6 +162,17 @@ class FrequencyL1(LayerwiseLoss):
     FreeKD's position-aware term ``omega`` (needs ``channels``; ``True`` / ``"raw"``,
     ``"cosine"`` with ``relation_temperature``, ``relation_source``: as in
     :class:`~freekd.losses.FreeKDLoss`); off (``False`` / ``"off"``), ``omega`` = 1.
+
+    Raises:
+        ValueError: bad ``levels``, ``wavelet``, ``relational`` settings, or
+            ``relational`` without ``channels``.
+
+    Example:
+        >>> import torch
+        >>> loss = FrequencyL1(levels=2)
+        >>> zeros, ones = [torch.zeros(1, 2, 8, 8)], [torch.ones(1, 2, 8, 8)]
+        >>> loss(zeros, ones)  # Haar: only the low band of a constant map is non-zero (4 = 2^2)
+        tensor(4.)
     """
 
     def __init__(

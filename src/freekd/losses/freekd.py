@@ -62,7 +62,13 @@ from .base import (
     relational_setting,
 )
 
-__all__ = ["BAND_WEIGHTINGS", "PRESETS", "RELATIONAL_SETTINGS", "FreeKDLoss"]
+__all__ = [
+    "BAND_WEIGHTINGS",
+    "PRESETS",
+    "RELATIONAL_SETTINGS",
+    "BandWeighting",
+    "FreeKDLoss",
+]
 
 BandWeighting = Literal["band", "coefficient"]
 BAND_WEIGHTINGS: tuple[str, ...] = get_args(BandWeighting)
@@ -124,7 +130,7 @@ def _layer_levels(levels: object, count: int) -> list[int]:
         )
     if len(levels) != count:
         raise ValueError(
-            f"levels lists {len(levels)} values, the loss distils {count} layers: give one "
+            f"levels lists {len(levels)} values, the loss distills {count} layers: give one "
             f"per layer, or a single integer for all"
         )
     for index, value in enumerate(levels):
@@ -153,14 +159,14 @@ class FreeKDLoss(LayerwiseLoss):
             paper's ``softmax(psi(F) F^T / sqrt(hw))``), ``False`` / ``"off"``, or ``"cosine"``
             (``softmax(cos(psi(F)_c, F_c') / relation_temperature)``, whose sharpness does not
             grow with the map size). See :mod:`freekd.relation`.
-        include_low: also distil the low band (the official code drops it).
+        include_low: also distill the low band (the official code drops it).
         loss_weight: multiplies the total (for parity with official configs).
         gate: ``"parameter-free"`` or ``"mlp"`` relational gate.
         mask_logits: the prompts' logit scale, ``"raw"`` (paper, official), ``"scaled"``
             (``/ sqrt(C)``) or ``"normalized"`` (unit pixel vectors); see
             :class:`~freekd.prompts.FrequencyPrompt`.
         relation_temperature: ``tau`` of ``relational="cosine"``.
-        relation_source: ``"product"`` (default): ``normalise(omega_t * omega_s)``;
+        relation_source: ``"product"`` (default): ``normalize(omega_t * omega_s)``;
             ``"teacher"``: the teacher's weight alone.
         band_weighting: ``"band"`` (default): the sum over the distilled bands of each band's
             mean of ``omega * Mbar * |D|`` (every band weighs the same); ``"coefficient"``: the
@@ -180,6 +186,20 @@ class FreeKDLoss(LayerwiseLoss):
             has reached the warm-up).
 
     After each call, ``last_terms`` maps ``"layer{i}"`` to that layer's (weighted, detached) term.
+    Checks, upcasting and the sum over layers come from :class:`~freekd.losses.LayerwiseLoss`.
+
+    Raises:
+        ValueError: a bad setting (named, with the valid values and the fix); at call time,
+            features that do not fit (see :meth:`LayerwiseLoss.forward`).
+
+    Example:
+        >>> import torch
+        >>> loss = FreeKDLoss(channels=[8, 8], num_prompts=2, levels=2)
+        >>> student = [torch.randn(2, 8, 16, 16), torch.randn(2, 8, 8, 8)]
+        >>> teacher = [torch.randn(2, 8, 16, 16), torch.randn(2, 8, 8, 8)]
+        >>> total = loss(student, teacher)  # a scalar; logs once that the prompts are untuned
+        >>> sorted(loss.last_terms)
+        ['layer0', 'layer1']
     """
 
     def __init__(
@@ -278,6 +298,16 @@ class FreeKDLoss(LayerwiseLoss):
           quality benchmark v2). Provisional until that benchmark sets it: T=2, band
           granularity, Jaccard, ``mask_logits="normalized"``, ``relational="cosine"`` (tau 0.1,
           source ``"product"``), no low band, ``band_weighting="band"``.
+
+        Returns:
+            The loss, with untuned prompts (tune them, load them, or copy them).
+
+        Raises:
+            ValueError: an unknown preset (the valid ones are named) or a bad override.
+
+        Example:
+            >>> FreeKDLoss.preset("official", [256] * 5).num_prompts
+            6
         """
         check_choice("preset", name, cls.presets())
         return cls(channels, **{**PRESETS[name], **overrides})
@@ -285,7 +315,22 @@ class FreeKDLoss(LayerwiseLoss):
     @classmethod
     def from_official(cls, state_dict: Mapping[str, Tensor], **overrides) -> FreeKDLoss:
         """The official configuration built from an official prompt checkpoint, inferring ``T``
-        and the channels from its ``mask_modules.{i}.mask_token: [4, T, C]`` tensors."""
+        and the channels from its ``mask_modules.{i}.mask_token: [4, T, C]`` tensors.
+
+        Returns:
+            A ``preset("official")`` loss holding the checkpoint's prompts (marked tuned).
+
+        Raises:
+            ValueError, TypeError: no official prompt tensors in ``state_dict``, or malformed
+                ones (named).
+
+        Example:
+            >>> import torch
+            >>> sd = {"distiller.mask_modules.0.mask_token": torch.randn(4, 6, 16)}
+            >>> loss = FreeKDLoss.from_official(sd)
+            >>> loss.channels, loss.num_prompts
+            ([16], 6)
+        """
         tokens = _official_tokens(state_dict)
         channels = [t.shape[2] for t in tokens]
         settings = {"num_prompts": tokens[0].shape[1], **overrides}
@@ -310,8 +355,8 @@ class FreeKDLoss(LayerwiseLoss):
         tokens = _official_tokens(state_dict)
         if len(tokens) != len(self.prompts):
             raise ValueError(
-                f"official checkpoint has prompts for {len(tokens)} layers, this loss distils "
-                f"{len(self.prompts)}: distil the same layers or use FreeKDLoss.from_official"
+                f"official checkpoint has prompts for {len(tokens)} layers, this loss distills "
+                f"{len(self.prompts)}: distill the same layers or use FreeKDLoss.from_official"
             )
         for index, (token, prompt) in enumerate(zip(tokens, self.prompts, strict=True)):
             groups, count, channels = token.shape
@@ -348,6 +393,27 @@ class FreeKDLoss(LayerwiseLoss):
         from ..prompt_io import load_prompts
 
         load_prompts(self, path)
+
+    def copy_prompts_from(self, other: FreeKDLoss) -> None:
+        """Copy ``other``'s prompts (tokens and tuned flags) into this loss, in memory.
+
+        For a second loss over the same layers, e.g. a variant that differs in stage-2 settings
+        only (``relational``, ``band_weighting``, ...), sharing one stage-1 run.
+
+        Raises:
+            ValueError: the two were built for other channels, ``T``, granularity, levels,
+                wavelet or mask logits (each difference is named).
+
+        Example:
+            >>> tuned = FreeKDLoss.preset("paper", [8, 8])
+            >>> variant = FreeKDLoss.preset("paper", [8, 8], relational=False)
+            >>> variant.copy_prompts_from(tuned)
+            >>> bool((variant.prompts[0].tokens == tuned.prompts[0].tokens).all())
+            True
+        """
+        from ..prompt_io import copy_prompts
+
+        copy_prompts(other, self)
 
     def reset_tuned_check(self) -> None:
         """Check again, at the next call, that the prompts are tuned (after loading new ones)."""

@@ -4,7 +4,7 @@ losses and predictors.
 
     spec = build_model("detection", "retinanet", "resnet50", num_classes=80)
     spec.model          # the nn.Module (plain torchvision / smp model)
-    spec.taps           # ["backbone.fpn"]: the layers FreeKD distils
+    spec.taps           # ["backbone.fpn"]: the layers FreeKD distills
     spec.tap_channels   # [256] * 5: channels of the tapped features, fine to coarse
     spec.task_loss(spec.model, batch)   # the model's own loss (dict or scalar)
     spec.predict(spec.model, images)    # detections / class-id maps
@@ -23,8 +23,8 @@ from torch import nn
 
 from .._checks import check_choice
 from .._choices import TASKS
-from ..tuning import TaskLoss
-from ._common import WeightsUnavailableError
+from ..frozen import TaskLoss
+from ._common import WeightsUnavailableError, eval_mode, model_device
 from .detection import (
     DETECTION_ARCHS,
     DETECTION_BACKBONES,
@@ -57,6 +57,7 @@ __all__ = [
     "TASKS",
     "ModelSpec",
     "ViTSegmenter",
+    "WeightsUnavailableError",
     "available_models",
     "build_detector",
     "build_model",
@@ -66,6 +67,8 @@ __all__ = [
     "default_taps",
     "detection_loss",
     "detection_predict",
+    "eval_mode",
+    "model_device",
     "segmentation_loss",
     "segmentation_predict",
 ]
@@ -82,7 +85,7 @@ REGISTRY: dict[str, dict[str, tuple[str, ...]]] = {
 
 @dataclass
 class ModelSpec:
-    """A built model and what the pipeline needs to train, distil and evaluate it.
+    """A built model and what the pipeline needs to train, distill and evaluate it.
 
     Attributes:
         model: the ``nn.Module`` (a plain torchvision / smp model: its ``state_dict`` loads into

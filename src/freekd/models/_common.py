@@ -16,6 +16,16 @@ import torch
 from torch import nn
 
 from ..checkpoints import LoadReport, checkpoint_origin, load_weights, read_state_dict
+from ..frozen import eval_mode, model_device
+
+__all__ = [
+    "WeightsUnavailableError",
+    "downloads",
+    "eval_mode",
+    "is_checkpoint_path",
+    "load_checkpoint",
+    "model_device",
+]
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar")
 
@@ -126,28 +136,3 @@ def downloads(setting: str, value: Any, weights: Any = None) -> Iterator[None]:
             cache_file = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
         reason = " ".join(str(error).split())[:160] or type(error).__name__
         raise WeightsUnavailableError(setting, value, reason, cache_file) from None
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule of ``model`` in eval mode, then restore each one's own flag.
-
-    Restoring per module (not ``model.train(previous)``) keeps frozen norm layers of a model
-    that is otherwise in train mode (a teacher) in eval mode.
-    """
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of ``model``'s first parameter or buffer (CPU for a model with neither)."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")

@@ -21,7 +21,7 @@ with labels ``1..K`` they need ``K + 1`` logits as well; the logit of class 0 is
 towards "absent" -- exactly the layout of torchvision's COCO models (91 outputs for COCO's
 category ids 1..90). :func:`detection_predict` drops the (rare) class-0 detections.
 
-Images: a list of ``[3, H, W]`` float tensors in ``[0, 1]``, any sizes; the model normalises
+Images: a list of ``[3, H, W]`` float tensors in ``[0, 1]``, any sizes; the model normalizes
 them (ImageNet mean / std) and resizes them to ``min_size`` / ``max_size`` itself. Boxes are
 ``[M, 4]`` ``(x1, y1, x2, y2)`` in pixels of the input image.
 """
@@ -66,6 +66,7 @@ __all__ = [
     "DETECTION_ARCHS",
     "DETECTION_BACKBONES",
     "DETECTION_TAPS",
+    "FPN_CHANNELS",
     "build_detector",
     "detection_loss",
     "detection_predict",
@@ -97,7 +98,7 @@ _BACKBONE_WEIGHTS: dict[str, type[WeightsEnum]] = {
     "resnet50": ResNet50_Weights,
     "resnet101": ResNet101_Weights,
 }
-# Checkpoint entries whose shapes depend on the number of classes (re-initialised when a COCO
+# Checkpoint entries whose shapes depend on the number of classes (re-initialized when a COCO
 # checkpoint is loaded into a model with another num_classes).
 _CLASS_DEPENDENT = {
     "retinanet": ("head.classification_head.cls_logits.",),
@@ -183,7 +184,7 @@ def _load_torchvision_weights(
     if skipped:
         outputs = len(weights.meta["categories"])
         logger.info(
-            "%s has %d class outputs, the model %d: re-initialised %s",
+            "%s has %d class outputs, the model %d: re-initialized %s",
             weights,
             outputs,
             _num_outputs(model),
@@ -244,7 +245,7 @@ def build_detector(
         weights: ``None``; a torchvision weights name or member for the whole detector
             (``"DEFAULT"``/``"COCO_V1"``, only for ``backbone="resnet50"``; downloaded to the torch
             hub cache; with another ``num_classes`` than 90 the class-specific layers are
-            re-initialised); or a local checkpoint path (``.safetensors`` or a torch file, read
+            re-initialized); or a local checkpoint path (``.safetensors`` or a torch file, read
             without running code by :func:`freekd.checkpoints.load_weights`, which checks the fit).
         weights_backbone: ImageNet weights for the ResNet (``"DEFAULT"``, ``"IMAGENET1K_V1"``,
             ... of ``ResNet{18,34,50,101}_Weights``; torchvision's detection builders use
@@ -380,7 +381,7 @@ def detection_loss(model: nn.Module, batch: Any) -> dict[str, Tensor]:
     if not model.training:
         raise ValueError(
             "torchvision detectors return their losses only in train mode: call model.train() "
-            "(freekd.tuning.freeze keeps norm layers of a frozen teacher in eval mode)"
+            "(freekd.frozen.freeze keeps norm layers of a frozen teacher in eval mode)"
         )
     targets = [_without_crowd(target) for target in targets]
     _check_labels(model, targets)

@@ -13,8 +13,8 @@ works at stride 8 too.
 - DeepLabV3: ASPP (rates 12, 24, 36 and image pooling) on ``layer4``, 256 channels, 1x1
   classifier, logits upsampled to the input size.
 
-Images: ``[N, 3, H, W]`` float, normalised with the ImageNet mean / std (the segmenters do not
-normalise), ``H`` and ``W`` divisible by ``output_stride`` (smp checks this; crops such as 512x1024
+Images: ``[N, 3, H, W]`` float, normalized with the ImageNet mean / std (the segmenters do not
+normalize), ``H`` and ``W`` divisible by ``output_stride`` (smp checks this; crops such as 512x1024
 are). :func:`segmentation_predict` pads other sizes itself. Masks: ``[N, H, W]`` int64 class ids
 ``0..K-1``, 255 = ignore.
 """
@@ -47,6 +47,8 @@ from ._common import (
 )
 
 __all__ = [
+    "IGNORE_INDEX",
+    "LAYER4_CHANNELS",
     "SEGMENTATION_ARCHS",
     "SEGMENTATION_BACKBONES",
     "SEGMENTATION_TAPS",

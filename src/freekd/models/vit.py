@@ -3,7 +3,7 @@
 ``ViTSegmenter(encoder, num_classes)`` runs a timm ``VisionTransformer`` (any ViT whose
 ``forward_features`` returns tokens ``[N, L, C]``: ViT, DeiT, DINO / DINOv2 with or without
 registers, EVA...), drops the prefix (class / register) tokens, lays the patch tokens out on the
-patch grid ``[N, C, h, w]`` (:func:`freekd.taps.tokens_to_map`), applies a head and upsamples
+patch grid ``[N, C, h, w]`` (:func:`freekd.tokens.tokens_to_map`), applies a head and upsamples
 the logits bilinearly to the image size:
 
 - ``decoder="linear"``: batch norm + 1x1 convolution (the "linear" head of Segmenter and the
@@ -11,7 +11,7 @@ the logits bilinearly to the image size:
 - ``decoder="conv"`` (default): 3x3 conv + BN + ReLU with ``decoder_channels``, then a 1x1
   classifier (a little spatial context for models trained from scratch).
 
-The default distillation tap is ``"encoder.norm@tokens"``: the encoder's final normalised tokens,
+The default distillation tap is ``"encoder.norm@tokens"``: the encoder's final normalized tokens,
 as the ``[N, C, h, w]`` map the head sees (``C = embed_dim``). Any block can be tapped the same
 way (``"encoder.blocks.7@tokens"``).
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_positive_int
-from ..taps import tokens_to_map
+from ..tokens import tokens_to_map
 from ._common import is_checkpoint_path, load_checkpoint
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "VIT_TAPS",
     "ViTSegmenter",
     "build_vit_segmenter",
+    "check_vit_name",
     "vit_embed_dim",
 ]
 
@@ -106,7 +107,7 @@ class ViTSegmenter(nn.Module):
         decoder: ``"conv"`` or ``"linear"`` (module docstring).
         decoder_channels: width of the conv decoder.
 
-    Everything is trainable. Images normalised with the ImageNet mean / std, like the CNNs.
+    Everything is trainable. Images normalized with the ImageNet mean / std, like the CNNs.
     """
 
     def __init__(
@@ -160,7 +161,7 @@ def build_vit_segmenter(
     weights_prefix: str | None = None,
     **timm_kwargs: Any,
 ) -> ViTSegmenter:
-    """A :class:`ViTSegmenter` on the timm model ``backbone`` (randomly initialised).
+    """A :class:`ViTSegmenter` on the timm model ``backbone`` (randomly initialized).
 
     Args:
         backbone: a timm ViT name (``"vit_small_patch16_224"``, ``"vit_base_patch14_dinov2"``,

@@ -1,6 +1,6 @@
 """The batteries-included pipeline behind the ``freekd`` command: one YAML configuration
 (:mod:`freekd.pipeline.config`), the jobs it drives (:mod:`freekd.pipeline.jobs`: train a
-teacher, tune prompts, distil, evaluate, export, visualize) and the demo
+teacher, tune prompts, distill, evaluate, export, visualize) and the demo
 (:mod:`freekd.pipeline.demo`).
 
     from freekd.pipeline import load_config, train_teacher, tune_prompts, distill

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..checkpoints import LoadReport
 from ..losses import FreeKDLoss, loss_class
-from ..taps import FeatureTaps
+from ..taps import probe_features
 from ..train import TrainConfig, make_train_loader, make_val_loader
 from .config import ModelSection, RunConfig
 
@@ -235,7 +235,7 @@ def example_batch(config: RunConfig, dataset: Dataset, size: int = 2) -> Any:
 
 
 def build_spec(config: RunConfig, section: ModelSection, num_classes: int) -> Any:
-    """The :class:`~freekd.models.ModelSpec` of ``section`` (randomly initialised or with its
+    """The :class:`~freekd.models.ModelSpec` of ``section`` (randomly initialized or with its
     builder ``args``' pretrained backbone)."""
     from ..models import build_model
 
@@ -265,23 +265,16 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, role: str) -> 
 
 
 def tap_channels(model: nn.Module, taps: list[str], inputs: Any) -> list[int]:
-    """Channels of each feature the ``taps`` capture, by a dry run on ``inputs``."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FeatureTaps(model, taps, stop_after_capture=True) as tapped:
-            tapped.run(model, inputs)
-            features = tapped.features
-    finally:
-        model.train(was_training)
+    """Channels of each feature the ``taps`` capture, by a dry run on ``inputs``
+    (:func:`freekd.taps.probe_features`)."""
     channels = []
-    for index, feature in enumerate(features):
-        if feature.dim() != 4:
+    for index, shape in enumerate(probe_features(model, taps, inputs)):
+        if len(shape) != 4:
             raise ValueError(
-                f"tap {index} of {taps} gives a feature of shape {tuple(feature.shape)}; "
-                f"FreeKD distils [N, C, H, W] maps"
+                f"tap {index} of {taps} gives a feature of shape {tuple(shape)}; "
+                f"FreeKD distills [N, C, H, W] maps"
             )
-        channels.append(int(feature.shape[1]))
+        channels.append(int(shape[1]))
     return channels
 
 

@@ -60,7 +60,7 @@ class DataSection:
     are merged over ``args`` for each split; ``split`` and, for ``digits``, ``task`` are filled in
     when the data set takes them). Transforms: segmentation trains on random crops of
     ``crop_size`` after scale jitter ``scale_range`` and flips with ``hflip_prob``, and evaluates
-    on whole images (``resize``: shorter side or ``[h, w]``), normalised with ImageNet mean/std
+    on whole images (``resize``: shorter side or ``[h, w]``), normalized with ImageNet mean/std
     when ``normalize``; detection resizes to ``resize`` (capped at ``max_size``) and flips
     (the detector then resizes to its own ``min_size`` / ``max_size``).
     """

@@ -1,7 +1,7 @@
 """``freekd demo``: the whole FreeKD pipeline on the built-in digit scenes, in minutes on a CPU.
 
 For one task (segmentation by default, or detection) it trains a teacher and a baseline
-student, tunes the frequency prompts on the frozen teacher, distils a FreeKD student with the
+student, tunes the frequency prompts on the frozen teacher, distills a FreeKD student with the
 same settings as the baseline, evaluates the three models on the validation scenes and prints a
 table (metric and parameters). The run folder holds ``config.yaml``, ``metrics.json``,
 ``masks.png`` (the learned masks over a validation image) and one folder per job with its
@@ -39,6 +39,7 @@ __all__ = [
     "DEMO_CONFIGS",
     "DEMO_TASKS",
     "QUICK_OVERRIDES",
+    "default_run_dir",
     "demo_config",
     "format_table",
     "run_demo",

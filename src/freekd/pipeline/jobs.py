@@ -53,6 +53,7 @@ from .config import ModelSection, RunConfig, dump_config
 
 __all__ = [
     "HEAD_TAPS",
+    "PRIMARY_METRIC",
     "JobResult",
     "distill",
     "evaluate_model",
@@ -63,6 +64,7 @@ __all__ = [
     "train_teacher",
     "tune_prompts",
     "visualize",
+    "write_json",
 ]
 
 logger = logging.getLogger("freekd")
@@ -368,7 +370,7 @@ def _output_losses(config: RunConfig) -> dict[str, OutputLoss]:
 
 
 def distill(config: RunConfig, resume: str | None = None, force: bool = False) -> JobResult:
-    """Stage 2: distil the student from the teacher with the tuned prompts (``mu`` * FreeKD,
+    """Stage 2: distill the student from the teacher with the tuned prompts (``mu`` * FreeKD,
     plus the official recipe's MSE and head terms when their weights are > 0) ->
     ``student_freekd/student.safetensors``; with a baseline ``distill.method``, ``mu`` * that
     loss (no prompts) -> ``student_<method>/student.safetensors``."""
@@ -471,7 +473,7 @@ def _robustness(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """:func:`~freekd.evaluation.evaluate_robustness` on the validation loader, with the
-    normalisation the pipeline's transforms applied (segmentation with ``data.normalize``)."""
+    normalization the pipeline's transforms applied (segmentation with ``data.normalize``)."""
     from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from ..evaluation import evaluate_robustness
 
@@ -510,7 +512,7 @@ def evaluate_model(
     ``corruption_seed`` (default ``config.seed``); the result then holds ``robustness``:
     ``{metric, clean, mPC, rPC, per_corruption: {name: {"1": m, ..., "mean": m}}, ...}``
     (:func:`freekd.evaluation.evaluate_robustness`). Images are corrupted in ``[0, 1]``, before
-    the ImageNet normalisation of ``data.normalize``.
+    the ImageNet normalization of ``data.normalize``.
     """
     from ..evaluation import evaluate
     from ..evaluation.corruptions import resolve_corruptions

@@ -1,4 +1,4 @@
-"""Training on Lightning: the three jobs (train a teacher, tune prompts, distil a student).
+"""Training on Lightning: the three jobs (train a teacher, tune prompts, distill a student).
 
     from freekd.train import DistillModule, TrainConfig, fit, make_train_loader
     optim, schedule = detection_2x_recipe(steps_per_epoch=len(loader))

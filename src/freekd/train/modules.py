@@ -26,8 +26,9 @@ from torch import Tensor, nn
 
 from ..checkpoints import export_student
 from ..distill import Distiller, NonFiniteError, nonfinite_message
+from ..frozen import TaskLoss, loss_terms
 from ..losses.freekd import FreeKDLoss
-from ..tuning import PromptTuner, TaskLoss, loss_terms
+from ..tuning import PromptTuner
 from .config import OptimConfig, ScheduleConfig
 from .schedules import build_optimizer, build_scheduler
 
