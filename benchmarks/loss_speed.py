@@ -15,7 +15,7 @@ Rows:
 * ``dwt2`` / ``pytorch_wavelets`` / ``ptwt``: a 3-level Haar transform (mode "zero") of the finest
   map alone, the scalar being the sum of all bands.
 
-Usage (from the repository root)::
+Usage (from the repository root; ``-m benchmarks.loss_speed`` works too)::
 
     .venv/bin/python benchmarks/loss_speed.py [--device cpu|cuda] [--repeats 7] [--quick]
         [--naive-repeats N] [--rows a,b,...] [--out results.md]
@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TESTS_DIR = REPO / "tests"
 SEED = 0
 WARMUPS = 2
 OTHER_CORES_FLAG = 0.25  # cores used by other processes above which the times are flagged
@@ -183,8 +182,7 @@ def _naive_loss_fn(preset: str, shapes: Shapes, device: str, students, teachers)
     """
     import torch
 
-    sys.path.insert(0, str(TESTS_DIR))
-    from naive_freekd import naive_freekd_loss, naive_layer_loss
+    from tests.naive_freekd import naive_freekd_loss, naive_layer_loss
 
     loss = _make_loss(preset, shapes, device)
     tokens = [prompt.tokens.detach() for prompt in loss.prompts]
@@ -444,8 +442,17 @@ def _command_line() -> str:
 
 
 def _run_child(name: str, args: argparse.Namespace, repeats: int) -> dict:
-    """Run one row in a fresh process and parse the JSON line it prints."""
-    command = [sys.executable, __file__, "--row", name, "--device", args.device]
+    """Run one row in a fresh process and parse the JSON line it prints (as a module, from the
+    repository root, so that the naive rows import ``tests.naive_freekd``)."""
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.loss_speed",
+        "--row",
+        name,
+        "--device",
+        args.device,
+    ]
     command += ["--repeats", str(repeats)] + (["--quick"] if args.quick else [])
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
@@ -455,7 +462,7 @@ def _run_child(name: str, args: argparse.Namespace, repeats: int) -> dict:
         busy_0 = None
     usage_0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     begin = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO)
     wall = time.perf_counter() - begin
     usage_1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     child_cpu = (usage_1.ru_utime - usage_0.ru_utime) + (usage_1.ru_stime - usage_0.ru_stime)

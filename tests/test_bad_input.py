@@ -29,7 +29,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from freekd import FreeKDLoss
@@ -37,6 +36,7 @@ from freekd.distill import Distiller
 from freekd.pipeline.schema import ConfigError
 from freekd.taps import TapError
 from freekd.wavelets import dwt2, idwt2
+from tests.conftest import task_loss
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -62,10 +62,6 @@ class Net(nn.Module):
 class Text(nn.Module):
     def forward(self, x: torch.Tensor) -> str:
         return "not a tensor"
-
-
-def task_loss(model: nn.Module, batch) -> torch.Tensor:
-    return F.cross_entropy(model(batch[0]), batch[1])
 
 
 BATCH = (torch.randn(2, 3, 16, 16), torch.zeros(2, dtype=torch.long))
@@ -1175,7 +1171,7 @@ def test_a_batch_of_per_image_dicts_reaches_the_models_whole():
 def test_nan_on_one_rank_of_a_bare_ddp_loop_raises_on_every_rank(tmp_path):
     """``all_ranks_finite`` in a plain 2-process DDP loop (no Lightning): process 0 alone
     sees NaN at step 2; both raise NonFiniteError there, neither waits for the other."""
-    from ddp_check import run_ddp_check
+    from tests.ddp_check import run_ddp_check
 
     start = time.monotonic()
     report, _ = run_ddp_check(tmp_path, "--bare-poison-step", "2", "--steps", "4")
@@ -1186,7 +1182,7 @@ def test_nan_on_one_rank_of_a_bare_ddp_loop_raises_on_every_rank(tmp_path):
 
 def test_nan_on_one_rank_of_a_lightning_ddp_run_raises_on_every_rank(tmp_path):
     """``nonfinite="raise"`` under Lightning's DDP: both processes raise at step 2."""
-    from ddp_check import run_ddp_check
+    from tests.ddp_check import run_ddp_check
 
     report, _ = run_ddp_check(tmp_path, "--poison-step", "2", "--raise")
     assert report["raised_at_step"] == [2, 2] and report["ok"], report

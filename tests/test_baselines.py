@@ -7,7 +7,6 @@ import math
 import pytest
 import pywt
 import torch
-from naive_freekd import naive_channel_weight
 from torch import nn
 
 from freekd.losses import (
@@ -23,6 +22,7 @@ from freekd.losses import (
     loss_names,
     register_loss,
 )
+from tests.naive_freekd import naive_channel_weight
 
 
 def test_mse_hand_computed_over_two_layers():

@@ -6,28 +6,11 @@ import logging
 
 import pytest
 import torch
-from naive_freekd import naive_freekd_loss, naive_token_mask, naive_wavedec2
 
 from freekd import FreeKDLoss, dwt2
 from freekd.losses.base import _MaskedBandL1
-
-SHAPES = [(16, 24), (8, 12), (5, 7)]  # fine to coarse, odd sizes included
-
-
-def pyramid(channels=6, batch=2, shapes=SHAPES, dtype=torch.float64, seed=0, grad=False):
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        torch.randn(batch, channels, h, w, generator=generator, dtype=dtype).requires_grad_(grad)
-        for h, w in shapes
-    ]
-
-
-def randomise_prompts(loss: FreeKDLoss, std: float = 0.5, seed: int = 1) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for prompt in loss.prompts:
-            prompt.tokens.copy_(torch.randn(prompt.tokens.shape, generator=generator) * std)
-            prompt.mark_tuned()
+from tests.conftest import pyramid, randomize_prompts
+from tests.naive_freekd import naive_freekd_loss, naive_token_mask, naive_wavedec2
 
 
 @pytest.mark.parametrize("granularity", ["level", "band"])
@@ -42,7 +25,7 @@ def test_loss_and_gradient_equal_naive_per_token_formulation(granularity, includ
         include_low=include_low,
         relational=relational,
     ).double()
-    randomise_prompts(loss_fn)
+    randomize_prompts(loss_fn)
     loss = loss_fn(student, teacher)
     grads = torch.autograd.grad(loss, student)
     tokens = [p.tokens.detach() for p in loss_fn.prompts]
@@ -56,7 +39,7 @@ def test_loss_and_gradient_equal_naive_per_token_formulation(granularity, includ
 def test_db2_and_two_levels_equal_naive():
     teacher, student = pyramid(seed=2), pyramid(seed=3, grad=True)
     loss_fn = FreeKDLoss([6, 6, 6], num_prompts=2, levels=2, wavelet="db2").double()
-    randomise_prompts(loss_fn)
+    randomize_prompts(loss_fn)
     tokens = [p.tokens.detach() for p in loss_fn.prompts]
     expected = naive_freekd_loss(student, teacher, tokens, "band", False, True, 2, "db2")
     torch.testing.assert_close(loss_fn(student, teacher), expected, rtol=1e-10, atol=1e-12)
@@ -65,7 +48,7 @@ def test_db2_and_two_levels_equal_naive():
 def test_float32_matches_float64_reference():
     teacher, student = pyramid(seed=4), pyramid(seed=5)
     loss_fn = FreeKDLoss.preset("paper", [6, 6, 6])
-    randomise_prompts(loss_fn)
+    randomize_prompts(loss_fn)
     low_precision = loss_fn([s.float() for s in student], [t.float() for t in teacher])
     assert low_precision.dtype == torch.float32
     reference = loss_fn.double()(student, teacher)
@@ -75,7 +58,7 @@ def test_float32_matches_float64_reference():
 def test_last_terms_sum_to_the_weighted_total():
     teacher, student = pyramid(seed=0), pyramid(seed=1)
     loss_fn = FreeKDLoss([6, 6, 6], loss_weight=2.5).double()
-    randomise_prompts(loss_fn)
+    randomize_prompts(loss_fn)
     total = loss_fn(student, teacher)
     assert sorted(loss_fn.last_terms) == ["layer0", "layer1", "layer2"]
     torch.testing.assert_close(sum(loss_fn.last_terms.values()), total)
@@ -88,7 +71,7 @@ def test_identical_student_gives_zero_loss_and_zero_gradient():
     teacher = pyramid(seed=0)
     student = [t.clone().requires_grad_(True) for t in teacher]
     loss_fn = FreeKDLoss.preset("paper", [6, 6, 6], include_low=True).double()
-    randomise_prompts(loss_fn)
+    randomize_prompts(loss_fn)
     loss = loss_fn(student, teacher)
     loss.backward()
     assert loss.item() == 0.0
@@ -98,7 +81,7 @@ def test_identical_student_gives_zero_loss_and_zero_gradient():
 def test_no_gradient_reaches_teacher_or_prompts():
     teacher, student = pyramid(seed=0, grad=True), pyramid(seed=1, grad=True)
     loss_fn = FreeKDLoss.preset("paper", [6, 6, 6]).double()
-    randomise_prompts(loss_fn)
+    randomize_prompts(loss_fn)
     loss_fn(student, teacher).backward()
     assert all(t.grad is None for t in teacher)
     assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in student)
@@ -109,7 +92,7 @@ def test_mlp_gate_starts_at_parameter_free_weight_and_is_trained():
     teacher, student = pyramid(seed=0), pyramid(seed=1, grad=True)
     free = FreeKDLoss([6, 6, 6]).double()
     mlp = FreeKDLoss([6, 6, 6], gate="mlp").double()
-    randomise_prompts(free)
+    randomize_prompts(free)
     mlp.prompts.load_state_dict(free.prompts.state_dict())
     loss_mlp = mlp(student, teacher)
     torch.testing.assert_close(loss_mlp, free(student, teacher))
@@ -123,7 +106,7 @@ def test_distillation_lowers_the_loss():
     teacher = pyramid(seed=0, dtype=torch.float32)
     student = pyramid(seed=1, dtype=torch.float32, grad=True)
     loss_fn = FreeKDLoss.preset("paper", [6, 6, 6])
-    randomise_prompts(loss_fn)
+    randomize_prompts(loss_fn)
     optimiser = torch.optim.Adam(student, lr=0.05)
     first = loss_fn(student, teacher).item()
     for _ in range(30):
@@ -216,7 +199,7 @@ def test_official_loader_refuses_other_prompt_count_or_channels_naming_both():
 def test_bfloat16_features_and_autocast_give_float32_results_close_to_float32():
     teacher, student = pyramid(seed=0, dtype=torch.float32), pyramid(seed=1, dtype=torch.float32)
     loss_fn = FreeKDLoss.preset("paper", [6, 6, 6])
-    randomise_prompts(loss_fn)
+    randomize_prompts(loss_fn)
     reference = loss_fn(student, teacher)
     bf16 = loss_fn([s.bfloat16() for s in student], [t.bfloat16() for t in teacher])
     assert bf16.dtype == torch.float32
@@ -231,7 +214,7 @@ def test_huge_feature_magnitudes_stay_finite():
     teacher = [t * 1e4 for t in pyramid(seed=0, dtype=torch.float32)]
     student = [(s * 1e4).requires_grad_(True) for s in pyramid(seed=1, dtype=torch.float32)]
     loss_fn = FreeKDLoss.preset("paper", [6, 6, 6])
-    randomise_prompts(loss_fn)
+    randomize_prompts(loss_fn)
     loss = loss_fn([s.half() for s in student], [t.half() for t in teacher])
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(s.grad).all() for s in student)
@@ -246,7 +229,7 @@ def test_untuned_prompts_log_one_warning(caplog):
     assert sum("never tuned" in r.message for r in caplog.records) == 1
     caplog.clear()
     tuned = FreeKDLoss([6, 6, 6])
-    randomise_prompts(tuned)
+    randomize_prompts(tuned)
     with caplog.at_level(logging.WARNING, logger="freekd"):
         tuned(student, teacher)
     assert not caplog.records

@@ -7,30 +7,11 @@ import json
 
 import pytest
 import torch
-from naive_freekd import naive_freekd_loss, naive_token_mask
 
 from freekd import FreeKDLoss, FrequencyPrompt, auto_levels, dwt2
 from freekd.losses.freekd import PRESETS
-
-SHAPES = [(16, 24), (8, 12), (5, 7)]  # fine to coarse, odd sizes included
-
-
-def pyramid(channels=6, batch=2, shapes=SHAPES, seed=0, grad=False, scale=1.0):
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        (
-            torch.randn(batch, channels, h, w, generator=generator, dtype=torch.float64) * scale
-        ).requires_grad_(grad)
-        for h, w in shapes
-    ]
-
-
-def randomize_prompts(loss: FreeKDLoss, std: float = 0.5, seed: int = 1) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for prompt in loss.prompts:
-            prompt.tokens.copy_(torch.randn(prompt.tokens.shape, generator=generator) * std)
-            prompt.mark_tuned()
+from tests.conftest import pyramid, randomize_prompts
+from tests.naive_freekd import naive_freekd_loss, naive_token_mask
 
 
 def assert_matches_naive(loss_fn: FreeKDLoss, naive_kwargs: dict, scale: float = 1.0) -> None:

@@ -9,9 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from ddp_check import TinyNet, run_ddp_check
-from naive_freekd import naive_relational_weight
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -19,6 +16,10 @@ from freekd import FreeKDLoss
 from freekd.distill import Distiller, NonFiniteError
 from freekd.relation import relational_weight
 from freekd.wavelets import dwt2, idwt2
+from tests.conftest import make_distiller as shared_distiller
+from tests.conftest import task_loss
+from tests.ddp_check import run_ddp_check
+from tests.naive_freekd import naive_relational_weight
 
 pl = pytest.importorskip("lightning.pytorch")
 from freekd.train import (  # noqa: E402
@@ -33,26 +34,9 @@ from freekd.train import (  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def task_loss(model: nn.Module, batch) -> torch.Tensor:
-    images, labels = batch
-    return F.cross_entropy(model(images), labels)
-
-
-EXAMPLE = (torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
-
-
 def make_distiller(nonfinite: str = "raise", seed: int = 0) -> Distiller:
-    torch.manual_seed(seed)
-    return Distiller(
-        TinyNet(8),
-        TinyNet(4),
-        ["layer1", "layer2"],
-        ["layer1", "layer2"],
-        {"freekd": FreeKDLoss.preset("paper", [8, 16])},
-        task_loss,
-        EXAMPLE,
-        nonfinite=nonfinite,
-    )
+    """The shared classification distiller with the DDP check script's models (no dropout)."""
+    return shared_distiller(seed, dropout=None, nonfinite=nonfinite)
 
 
 def poison_output(module: nn.Module, value: float = float("nan")):

@@ -14,53 +14,7 @@ from freekd import FreeKDLoss
 from freekd.checkpoints import export_student, load_weights
 from freekd.distill import Distiller, OutputLoss
 from freekd.tuning import PromptTuner
-
-
-class TinySegmenter(nn.Module):
-    """Three conv stages (strides 1, 2, 4) and a 1x1 classifier upsampled to the input."""
-
-    def __init__(self, width: int = 8, classes: int = 3, last_stride: int = 2) -> None:
-        super().__init__()
-        self.stage1 = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()
-        )
-        self.stage2 = nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU())
-        self.stage3 = nn.Sequential(
-            nn.Conv2d(width, width, 3, stride=last_stride, padding=1), nn.Dropout(0.2), nn.ReLU()
-        )
-        self.classifier = nn.Conv2d(width, classes, 1)
-
-    def forward(self, x):
-        features = self.stage3(self.stage2(self.stage1(x)))
-        return F.interpolate(self.classifier(features), size=x.shape[-2:], mode="bilinear")
-
-
-def segmentation_loss(model, batch):
-    images, labels = batch
-    return F.cross_entropy(model(images), labels)
-
-
-def fixed_batch(seed=0, size=32):
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(4, 3, size, size, generator=generator)
-    labels = (images[:, 0] > 0).long() + (images[:, 1] > 0.5).long()  # learnable pixel labels
-    return images, labels
-
-
-def trained_teacher(width=16, steps=30):
-    torch.manual_seed(0)
-    teacher = TinySegmenter(width)
-    batch = fixed_batch()
-    optimiser = torch.optim.Adam(teacher.parameters(), lr=0.01)
-    for _ in range(steps):
-        optimiser.zero_grad()
-        segmentation_loss(teacher, batch).backward()
-        optimiser.step()
-    return teacher
-
-
-TAPS = ["stage2", "stage3"]
-
+from tests.conftest import TAPS, TinySegmenter, fixed_batch, segmentation_loss, trained_teacher
 
 # ---------------------------------------------------------------------- stage 1
 

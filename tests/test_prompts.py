@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from naive_freekd import naive_dissimilarity, naive_token_mask
 
 from freekd import FrequencyPrompt, dwt2
 from freekd.prompts import mask_overlap
+from tests.naive_freekd import naive_dissimilarity, naive_token_mask
 
 
 def bands_of(channels=5, shape=(12, 17), levels=3, seed=0):

@@ -6,14 +6,14 @@ import math
 
 import pytest
 import torch
-from naive_freekd import (
+
+from freekd import RelationalGate
+from freekd.relation import effective_channels, relational_weight
+from tests.naive_freekd import (
     naive_channel_weight,
     naive_cosine_relational_weight,
     naive_relational_weight,
 )
-
-from freekd import RelationalGate
-from freekd.relation import effective_channels, relational_weight
 
 
 def feature(shape, seed, channels=6):

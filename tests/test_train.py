@@ -14,14 +14,11 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-import torch.nn.functional as F
-from ddp_check import run_ddp_check
 from lightning.pytorch import Callback
 from torch import nn
 from torch.utils.data import Dataset
 
 from freekd import FreeKDLoss
-from freekd.distill import Distiller
 from freekd.train import (
     DistillModule,
     OptimConfig,
@@ -43,6 +40,8 @@ from freekd.train import (
 )
 from freekd.train import data as train_data
 from freekd.tuning import PromptTuner
+from tests.conftest import TinyNet, make_distiller, task_loss
+from tests.ddp_check import run_ddp_check
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,24 +51,6 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 # ---------------------------------------------------------------------------- tiny models, data
-
-
-class TinyNet(nn.Module):
-    """``[N, 3, 32, 32]`` -> 4 logits; tapped stages ``layer1`` ``[N, w, 16, 16]`` and
-    ``layer2`` ``[N, 2w, 8, 8]``; BatchNorm (buffers) and optional dropout (RNG in the step)."""
-
-    def __init__(self, width: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()
-        )
-        self.layer1 = nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU())
-        self.layer2 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU())
-        self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(2 * width, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.drop(self.layer2(self.layer1(self.stem(x))).mean((2, 3))))
 
 
 class Images(Dataset):
@@ -94,31 +75,9 @@ class Images(Dataset):
         return image, self.labels[index]
 
 
-def task_loss(model: nn.Module, batch) -> torch.Tensor:
-    images, labels = batch
-    return F.cross_entropy(model(images), labels)
-
-
 def fixed_batch(size: int = 4):
     data = Images(size, augment=False)
     return data.images, data.labels
-
-
-EXAMPLE = (torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
-
-
-def make_distiller(seed: int = 0, dropout: float = 0.2) -> Distiller:
-    torch.manual_seed(seed)
-    teacher, student = TinyNet(8), TinyNet(4, dropout=dropout)
-    return Distiller(
-        teacher,
-        student,
-        ["layer1", "layer2"],
-        ["layer1", "layer2"],
-        {"freekd": FreeKDLoss.preset("paper", [8, 16])},
-        task_loss,
-        EXAMPLE,
-    )
 
 
 def make_distill_module(seed: int = 0, lr: float = 0.05, total: int = 12) -> DistillModule:

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from freekd import FreeKDLoss, dwt2, idwt2
 from freekd.tuning import (
@@ -20,54 +20,18 @@ from freekd.tuning import (
     merge_diagnostics,
     teacher_damaged,
 )
+from tests.conftest import TAPS, TinySegmenter, fixed_batch, segmentation_loss, trained_teacher
 
-TAPS = ["stage2", "stage3"]
-
-
-class TinySegmenter(nn.Module):
-    """Three conv stages (strides 1, 2, 2) and a 1x1 classifier upsampled to the input."""
-
-    def __init__(self, width: int = 16, classes: int = 3, in_channels: int = 3) -> None:
-        super().__init__()
-        self.stage1 = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()
-        )
-        self.stage2 = nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU())
-        self.stage3 = nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU())
-        self.classifier = nn.Conv2d(width, classes, 1)
-
-    def forward(self, x):
-        features = self.stage3(self.stage2(self.stage1(x)))
-        return F.interpolate(self.classifier(features), size=x.shape[-2:], mode="bilinear")
-
-
-def segmentation_loss(model, batch):
-    images, labels = batch
-    return F.cross_entropy(model(images), labels, ignore_index=255)
-
-
-def fixed_batch(seed=0, size=32):
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(4, 3, size, size, generator=generator)
-    labels = (images[:, 0] > 0).long() + (images[:, 1] > 0.5).long()
-    return images, labels
+Segmenter = functools.partial(TinySegmenter, 16, dropout=0)  # no dropout layer
 
 
 @pytest.fixture(scope="module")
 def teacher_state():
-    torch.manual_seed(0)
-    teacher = TinySegmenter()
-    batch = fixed_batch()
-    optimiser = torch.optim.Adam(teacher.parameters(), lr=0.01)
-    for _ in range(40):
-        optimiser.zero_grad()
-        segmentation_loss(teacher, batch).backward()
-        optimiser.step()
-    return teacher.state_dict()
+    return trained_teacher(16, steps=40, dropout=0).state_dict()
 
 
 def make_tuner(teacher_state, resynthesis="sum", **loss_options):
-    teacher = TinySegmenter()
+    teacher = Segmenter()
     teacher.load_state_dict(teacher_state)
     torch.manual_seed(1)
     loss = FreeKDLoss([16, 16], **loss_options)
@@ -108,7 +72,7 @@ def test_diagnostics_report_losses_and_masks_and_centered_starts_at_the_teacher(
         for values in bands.values():
             assert set(values) == {"saturated", "mean"}
             assert values["saturated"] == 0.0 and abs(values["mean"] - 0.5) < 0.05
-    plain = TinySegmenter().eval()  # the same teacher without hooks, norms in eval mode
+    plain = Segmenter().eval()  # the same teacher without hooks, norms in eval mode
     plain.load_state_dict(teacher_state)
     with torch.no_grad():
         expected_clean = segmentation_loss(plain, fixed_batch()).item()
@@ -132,7 +96,7 @@ def test_diagnostics_compare_passes_with_the_same_random_numbers(teacher_state):
         losses = F.cross_entropy(model(images), labels, reduction="none")
         return losses[keep].mean()
 
-    teacher = TinySegmenter()
+    teacher = Segmenter()
     teacher.load_state_dict(teacher_state)
     loss = FreeKDLoss([16, 16], num_prompts=1)
     with torch.no_grad():
@@ -231,7 +195,7 @@ def test_tune_prompts_job_reports_the_diagnostics_and_warns_on_damage(teacher_st
 
     config = tiny_config()
     train_set = build_data(config, "train")
-    teacher = TinySegmenter(classes=11)
+    teacher = Segmenter(classes=11)
     loss = FreeKDLoss([16, 16], mask_logits="normalized")
     tuner = PromptTuner(teacher, TAPS, loss, segmentation_loss, resynthesis="centered")
     with caplog.at_level(logging.INFO, logger="freekd"):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-from test_pipeline import TinySegmenter
 
 from freekd import FreeKDLoss
 from freekd.viz import colorize, prompt_mask_grid, render_prompt_masks
+from tests.conftest import TinySegmenter
 
 
 def test_colour_map_ends_and_shape():
