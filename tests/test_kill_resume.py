@@ -42,9 +42,8 @@ def test_sigkill_during_an_atomic_write_leaves_the_previous_file(tmp_path):
 
 
 def test_a_resumed_run_removes_temporary_files_of_a_killed_write(tmp_path):
-    from test_numerics import Batches, skip_module, train_config
-
     from freekd.train import fit, make_train_loader
+    from tests.test_numerics import Batches, skip_module, train_config
 
     def loader():
         return make_train_loader(Batches(3, poisoned=()), batch_size=2, shuffle=False)

@@ -134,34 +134,41 @@ def _fit(
     return result, result.global_step >= steps
 
 
+@dataclass(frozen=True)
+class _TrainJob:
+    """One training job: the Lightning ``module`` fitted on ``train_set`` for ``steps`` steps in
+    ``directory``, then ``model``'s state dict exported to ``weights_path`` with ``metadata``.
+    ``start``: ``time.perf_counter()`` when the job began (for its duration)."""
+
+    role: str
+    module: pl.LightningModule
+    train_set: Any
+    directory: Path
+    steps: int
+    model: nn.Module
+    weights_path: Path
+    metadata: dict[str, Any]
+    start: float
+
+
 def _train_and_export(
-    config: RunConfig,
-    module: pl.LightningModule,
-    train_set: Any,
-    directory: Path,
-    steps: int,
-    resume: str | None,
-    force: bool,
-    model: Any,
-    weights_path: Path,
-    metadata: dict[str, Any],
-    role: str,
-    start: float,
+    config: RunConfig, job: _TrainJob, resume: str | None, force: bool
 ) -> JobResult:
-    """Fit ``module`` (with periodic validation when asked) and, when the run reached its last
-    step, export ``model``'s state dict with ``metadata`` to ``weights_path``."""
+    """Fit ``job.module`` (with periodic validation when asked) and, when the run reached its
+    last step, export ``job.model``'s state dict with its metadata to ``job.weights_path``."""
     result, done = _fit(
         config,
-        module,
-        train_loader(config, train_set),
-        directory,
-        steps,
+        job.module,
+        train_loader(config, job.train_set),
+        job.directory,
+        job.steps,
         resume,
         force,
         _segmentation_val(config),
     )
-    outputs = {"weights": export_student(model, weights_path, metadata)} if done else {}
-    return JobResult(role, directory, outputs, result.metrics, time.perf_counter() - start, done)
+    outputs = {"weights": export_student(job.model, job.weights_path, job.metadata)} if done else {}
+    elapsed = time.perf_counter() - job.start
+    return JobResult(job.role, job.directory, outputs, result.metrics, elapsed, done)
 
 
 def _segmentation_val(config: RunConfig) -> Any:
@@ -255,17 +262,19 @@ def _train_model(
         module.job_name = "distill --baseline"
     return _train_and_export(
         config,
-        module,
-        train_set,
-        directory,
-        job.steps,
+        _TrainJob(
+            role=role,
+            module=module,
+            train_set=train_set,
+            directory=directory,
+            steps=job.steps,
+            model=spec.model,
+            weights_path=directory / output,
+            metadata=_metadata(config, section, role, num_classes),
+            start=start,
+        ),
         resume,
         force,
-        spec.model,
-        directory / output,
-        _metadata(config, section, role, num_classes),
-        role,
-        start,
     )
 
 
@@ -414,17 +423,19 @@ def distill(config: RunConfig, resume: str | None = None, force: bool = False) -
     # DistillModule exported already; export again with the architecture in the metadata.
     return _train_and_export(
         config,
-        module,
-        train_set,
-        directory,
-        job.steps,
+        _TrainJob(
+            role="student",
+            module=module,
+            train_set=train_set,
+            directory=directory,
+            steps=job.steps,
+            model=student.model,
+            weights_path=directory / "student.safetensors",
+            metadata=_metadata(config, config.student, "student", num_classes),
+            start=start,
+        ),
         resume,
         force,
-        student.model,
-        directory / "student.safetensors",
-        _metadata(config, config.student, "student", num_classes),
-        "student",
-        start,
     )
 
 
