@@ -42,7 +42,7 @@ from freekd.pipeline.demo import DEMO_CONFIGS
 
 # ----------------------------------------------------------------------------- settings
 
-#: What changes from the demo settings (``freekd.pipeline.demo.DEMO_CONFIGS``): the issue's
+#: What changes from the demo settings (``freekd.pipeline.demo.DEMO_CONFIGS``): the v1
 #: teachers (ResNet-50) and student schedules.
 TASK_CHANGES: dict[str, dict[str, Any]] = {
     "segmentation": {
