@@ -314,6 +314,40 @@ def test_segmenter_trains_predicts_and_taps_layer4_at_stride_8(arch):
     assert model.training
 
 
+@pytest.mark.parametrize(
+    ("backbone", "smp_name"),
+    [("resnet18", "resnet18"), ("mobilenetv3_small_050", "tu-mobilenetv3_small_050")],
+)
+def test_fpn_segmenter_taps_the_pyramid_and_is_a_plain_smp_fpn(backbone, smp_name):
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    spec = build_model("segmentation", "fpn", backbone, num_classes=4, decoder_pyramid_channels=64)
+    assert spec.taps == ["decoder.p2", "decoder.p3", "decoder.p4"]
+    assert spec.tap_channels == [64, 64, 64]
+    images, masks = torch.randn(2, 3, 64, 96), torch.randint(0, 4, (2, 64, 96))
+    with FeatureTaps(spec.model.train(), spec.taps) as taps:
+        loss = spec.task_loss(spec.model, (images, masks))
+        shapes = [tuple(f.shape) for f in taps.features]
+    assert shapes == [(2, 64, 16, 24), (2, 64, 8, 12), (2, 64, 4, 6)]  # strides 4, 8, 16
+    loss.backward()
+    assert has_grad(spec.model)
+    # the same architecture built by smp alone takes the weights as they are
+    plain = smp.FPN(smp_name, encoder_weights=None, classes=4, decoder_pyramid_channels=64)
+    plain.load_state_dict(spec.model.state_dict())
+    assert spec.predict(spec.model, torch.randn(1, 3, 61, 70)).shape == (1, 61, 70)
+    assert default_taps("segmentation", "fpn", backbone) == (spec.taps, [256, 256, 256])
+
+
+def test_fpn_refuses_what_it_cannot_build():
+    with pytest.raises(ValueError, match="backbone for pspnet 'mobilenetv3_small_050'"):
+        build_model("segmentation", "pspnet", "mobilenetv3_small_050", 3)
+    with pytest.raises(ValueError, match="output_stride=8 is not supported by fpn"):
+        build_segmenter("fpn", "resnet18", 3, output_stride=8)
+    with pytest.raises(ValueError, match="use None or 'imagenet'"):
+        build_segmenter("fpn", "mobilenetv3_small_050", 3, encoder_weights="DEFAULT")
+
+
 def test_resnet101_pspnet_teacher_taps_2048_channels_at_stride_8():
     spec = build_model("segmentation", "pspnet", "resnet101", num_classes=3)
     assert spec.tap_channels == [2048]

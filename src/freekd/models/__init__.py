@@ -35,6 +35,9 @@ from .detection import (
     detection_predict,
 )
 from .segmentation import (
+    FPN_BACKBONES,
+    FPN_PYRAMID_CHANNELS,
+    FPN_TAPS,
     LAYER4_CHANNELS,
     SEGMENTATION_ARCHS,
     SEGMENTATION_BACKBONES,
@@ -77,6 +80,7 @@ REGISTRY: dict[str, dict[str, tuple[str, ...]]] = {
     "detection": dict.fromkeys(DETECTION_ARCHS, DETECTION_BACKBONES),
     "segmentation": {
         **dict.fromkeys(SEGMENTATION_ARCHS, SEGMENTATION_BACKBONES),
+        "fpn": FPN_BACKBONES,
         "vit_seg": VIT_BACKBONES,
     },
 }
@@ -120,15 +124,22 @@ def _check(task: str, arch: str, backbone: str) -> None:
 
 
 def default_taps(
-    task: str, arch: str, backbone: str, embed_dim: int | None = None
+    task: str,
+    arch: str,
+    backbone: str,
+    embed_dim: int | None = None,
+    pyramid_channels: int | None = None,
 ) -> tuple[list[str], list[int]]:
     """``(taps, tap_channels)`` that :func:`build_model` would attach, without building
-    (``embed_dim``: a ViT's width when its builder args override the name's)."""
+    (``embed_dim``: a ViT's width when its builder args override the name's;
+    ``pyramid_channels``: an FPN segmenter's ``decoder_pyramid_channels``, default 256)."""
     _check(task, arch, backbone)
     if task == "detection":
         return list(DETECTION_TAPS), [FPN_CHANNELS] * 5
     if arch == "vit_seg":
         return list(VIT_TAPS), [vit_embed_dim(backbone, embed_dim)]
+    if arch == "fpn":
+        return list(FPN_TAPS), [pyramid_channels or FPN_PYRAMID_CHANNELS] * len(FPN_TAPS)
     return list(SEGMENTATION_TAPS), [LAYER4_CHANNELS[backbone]]
 
 
@@ -145,7 +156,9 @@ def build_model(task: str, arch: str, backbone: str, num_classes: int, **kwargs:
     ``encoder_weights`` (``"DEFAULT"``: torchvision's ImageNet weights in both tasks).
     """
     _check(task, arch, backbone)
-    taps, channels = default_taps(task, arch, backbone, kwargs.get("embed_dim"))
+    taps, channels = default_taps(
+        task, arch, backbone, kwargs.get("embed_dim"), kwargs.get("decoder_pyramid_channels")
+    )
     if arch == "vit_seg":
         model = build_vit_segmenter(backbone, num_classes, **kwargs)
         task_loss, predict = segmentation_loss, segmentation_predict

@@ -1,4 +1,5 @@
-"""Semantic segmenters: PSPNet and DeepLabV3 on dilated ResNets (segmentation_models_pytorch).
+"""Semantic segmenters (segmentation_models_pytorch): PSPNet and DeepLabV3 on dilated ResNets, and
+FPN on ResNets or light timm encoders.
 
 Both use the full ResNet (``encoder_depth=5``: ``layer1..layer4``) with the strides of the last
 stages replaced by dilation: with ``output_stride=8`` (default, the PSPNet / DeepLabV3 papers and
@@ -12,6 +13,11 @@ works at stride 8 too.
   logits upsampled by ``output_stride`` to the input size.
 - DeepLabV3: ASPP (rates 12, 24, 36 and image pooling) on ``layer4``, 256 channels, 1x1
   classifier, logits upsampled to the input size.
+- FPN: the feature pyramid ``decoder.p2 .. p5`` (strides 4, 8, 16, 32, ``pyramid_channels``
+  each, default 128) merged into a stride-4 map; the encoder is a ResNet or a timm
+  MobileNetV3 (:data:`FPN_BACKBONES`), never dilated (``output_stride`` 32). The default taps are
+  the pyramid ``decoder.p2 / p3 / p4`` (``[N, pyramid_channels, H/4, W/4]`` to ``H/16``): several
+  distilled levels, fine to coarse, as FreeKD distills a detector's FPN.
 
 Images: ``[N, 3, H, W]`` float, normalized with the ImageNet mean / std (the segmenters do not
 normalize), ``H`` and ``W`` divisible by ``output_stride`` (smp checks this; crops such as 512x1024
@@ -47,6 +53,8 @@ from ._common import (
 )
 
 __all__ = [
+    "FPN_BACKBONES",
+    "FPN_TAPS",
     "IGNORE_INDEX",
     "LAYER4_CHANNELS",
     "SEGMENTATION_ARCHS",
@@ -58,15 +66,28 @@ __all__ = [
     "split_segmentation_batch",
 ]
 
-SEGMENTATION_ARCHS = ("pspnet", "deeplabv3")
+SEGMENTATION_ARCHS = ("pspnet", "deeplabv3", "fpn")
 SEGMENTATION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 SEGMENTATION_TAPS = ("encoder.layer4",)
-"""Default distillation tap: the last ResNet stage, ``[N, 512 or 2048, H/8, W/8]``."""
+"""Default distillation tap of PSPNet / DeepLabV3: the last ResNet stage,
+``[N, 512 or 2048, H/8, W/8]``."""
+
+FPN_BACKBONES = (
+    *SEGMENTATION_BACKBONES,
+    "mobilenetv3_small_050",
+    "mobilenetv3_small_100",
+    "mobilenetv3_large_100",
+)
+"""FPN encoders: the ResNets and timm MobileNetV3s (built through smp's ``tu-`` timm encoders)."""
+FPN_TAPS = ("decoder.p2", "decoder.p3", "decoder.p4")
+"""Default distillation taps of FPN: the pyramid at strides 4, 8, 16 (fine to coarse)."""
+FPN_PYRAMID_CHANNELS = 256
+"""smp's default ``decoder_pyramid_channels`` (the channels of every FPN tap)."""
 
 LAYER4_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 IGNORE_INDEX = 255
 
-_OUTPUT_STRIDES = {"pspnet": (8, 16, 32), "deeplabv3": (8, 16)}
+_OUTPUT_STRIDES = {"pspnet": (8, 16, 32), "deeplabv3": (8, 16), "fpn": (32,)}
 _TORCHVISION_WEIGHTS: dict[str, type[WeightsEnum]] = {
     "resnet18": ResNet18_Weights,
     "resnet34": ResNet34_Weights,
@@ -101,33 +122,43 @@ def build_segmenter(
     *,
     weights: str | os.PathLike | None = None,
     encoder_weights: str | WeightsEnum | None = None,
-    output_stride: int = 8,
+    output_stride: int | None = None,
     weights_prefix: str | None = None,
     progress: bool = True,
     **kwargs: Any,
 ) -> nn.Module:
-    """A PSPNet or DeepLabV3 (``smp.PSPNet`` / ``smp.DeepLabV3``) on a dilated ResNet.
+    """A PSPNet or DeepLabV3 (``smp.PSPNet`` / ``smp.DeepLabV3``) on a dilated ResNet, or an
+    FPN (``smp.FPN``) on a ResNet or a timm MobileNetV3.
 
     Args:
-        arch: ``"pspnet"`` or ``"deeplabv3"``.
-        encoder: ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` or ``"resnet101"``.
+        arch: ``"pspnet"``, ``"deeplabv3"`` or ``"fpn"``.
+        encoder: ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` or ``"resnet101"``; FPN also
+            takes the timm encoders of :data:`FPN_BACKBONES` (e.g. ``"mobilenetv3_small_050"``).
         num_classes: classes ``K`` of the masks (ids ``0..K-1``; 255 is ignored).
         weights: ``None`` or a local checkpoint of the whole model (``.safetensors`` or a torch
             file, read without running code by :func:`freekd.checkpoints.load_weights`).
         encoder_weights: ImageNet weights for the ResNet: ``"imagenet"`` (smp's copy, from the
             Hugging Face hub) or a torchvision ``ResNet*_Weights`` name (``"DEFAULT"``,
             ``"IMAGENET1K_V1"``, ...; torch hub cache). Ignored when ``weights`` is given.
-        output_stride: 8 (default; ``layer3``/``layer4`` dilated), 16, or 32 (PSPNet only: no
-            dilation).
+        output_stride: PSPNet / DeepLabV3: 8 (default; ``layer3``/``layer4`` dilated), 16, or
+            32 (PSPNet only: no dilation). FPN: 32 (its encoder is never dilated).
         weights_prefix: key prefix to strip from the checkpoint; found automatically when ``None``.
         progress: show download progress for torchvision encoder weights.
-        **kwargs: passed to the smp model (``psp_dropout``, ``decoder_channels``, ...).
+        **kwargs: passed to the smp model (``psp_dropout``, ``decoder_channels``; for FPN
+            ``decoder_pyramid_channels`` (the taps' channels, default 256),
+            ``decoder_segmentation_channels`` (a multiple of 32), ``decoder_dropout``, ...).
 
     ``model(images)`` returns logits ``[N, K, H, W]`` (input size). Everything is trainable.
     """
     check_choice("segmentation arch", arch, SEGMENTATION_ARCHS)
-    check_choice("segmentation encoder", encoder, SEGMENTATION_BACKBONES)
+    check_choice(
+        f"segmentation encoder for {arch}",
+        encoder,
+        FPN_BACKBONES if arch == "fpn" else SEGMENTATION_BACKBONES,
+    )
     check_positive_int("num_classes", num_classes)
+    if output_stride is None:
+        output_stride = _OUTPUT_STRIDES[arch][-1] if arch == "fpn" else 8
     if output_stride not in _OUTPUT_STRIDES[arch]:
         raise ValueError(
             f"output_stride={output_stride!r} is not supported by {arch}; choose one of "
@@ -141,14 +172,22 @@ def build_segmenter(
             )
         encoder_weights = None
     smp_weights, torchvision_weights = None, None
-    if encoder_weights is not None:
+    timm_encoder = encoder not in SEGMENTATION_BACKBONES
+    if encoder_weights is not None and timm_encoder:
+        if encoder_weights != "imagenet":
+            raise ValueError(
+                f"encoder_weights={encoder_weights!r} is unknown for {encoder}: use None or "
+                f"'imagenet' (timm's weights, from the Hugging Face hub)"
+            )
+        smp_weights = encoder_weights
+    elif encoder_weights is not None:
         smp_names = smp_encoders[encoder]["pretrained_settings"]
         if isinstance(encoder_weights, str) and encoder_weights in smp_names:
             smp_weights = encoder_weights
         else:
             torchvision_weights = _torchvision_encoder_weights(encoder, encoder_weights)
     common = dict(
-        encoder_name=encoder,
+        encoder_name=f"tu-{encoder}" if timm_encoder else encoder,
         encoder_weights=smp_weights,
         encoder_depth=5,
         classes=num_classes,
@@ -158,6 +197,8 @@ def build_segmenter(
             model = smp.PSPNet(
                 **common, upsampling=output_stride, output_stride=output_stride, **kwargs
             )
+        elif arch == "fpn":
+            model = smp.FPN(**common, **kwargs)
         else:
             model = smp.DeepLabV3(**common, encoder_output_stride=output_stride, **kwargs)
     if torchvision_weights is not None:
