@@ -8,7 +8,7 @@ One YAML file describes a whole FreeKD project (see ``docs/cli.md`` and ``config
     teacher: {arch: pspnet, backbone: resnet50, checkpoint: null, args: {}, train: {...}}
     student: {arch: pspnet, backbone: resnet18, args: {}, train: {steps, optimizer, schedule}}
     prompts: {steps: 2000, optimizer: {...}, schedule: {...}, dissimilarity_weight: 1.0}
-    distill: {method: freekd, preset: paper, mu: 1.0, projection: auto, mse_weight: 0, ...}
+    distill: {method: freekd, preset: recommended, mu: 1.0, projection: auto, mse_weight: 0, ...}
     train:   {precision: 32-true, grad_clip_norm: null, devices: auto, ...}  # trainer settings
 
 :func:`load_config` reads a file, applies ``--set key.sub=value`` overrides (values parsed as
@@ -167,8 +167,9 @@ def _prompt_schedule() -> ScheduleConfig:
 @dataclass
 class PromptsSection(JobSection):
     """Stage 1: prompt tuning (defaults: the MasKD recipe, 2000 steps, Adam 0.01, weight decay
-    1e-3, cosine to 1e-6). ``dissimilarity_weight`` is lambda; ``resynthesis``: ``sum``
-    (DESIGN) or ``centered`` (starts near the identity, :class:`freekd.tuning.PromptTuner`);
+    1e-3, cosine to 1e-6). ``dissimilarity_weight`` is lambda; ``resynthesis``: ``centered``
+    (default: starts near the identity and keeps the teacher's re-synthesised features intact,
+    :class:`freekd.tuning.PromptTuner`; docs/results.md) or ``sum`` (the paper's formula);
     ``batch_size`` overrides ``data.batch_size``; ``file``: the tuned prompts used by
     ``distill`` and ``visualize`` (``null``: ``run_dir/prompts/prompts.safetensors``)."""
 
@@ -176,7 +177,7 @@ class PromptsSection(JobSection):
     optimizer: OptimConfig = field(default_factory=_prompt_optimizer)
     schedule: ScheduleConfig = field(default_factory=_prompt_schedule)
     dissimilarity_weight: float = 1.0
-    resynthesis: Resynthesis = "sum"
+    resynthesis: Resynthesis = "centered"
     batch_size: int | None = None
     file: str | None = None
 
@@ -191,8 +192,9 @@ class DistillSection:
     (FreeKD without prompts); ``method_args`` are the baseline's keyword arguments (``tau``;
     ``alpha``, ``mask_ratio``; ``levels``, ``wavelet``, ``include_low``, ``relational``). A
     baseline needs no prompts and writes ``run_dir/student_<method>``; ``mu`` weights it as it
-    weights FreeKD. ``preset``: ``paper``, ``official`` or another of
-    :meth:`freekd.FreeKDLoss.presets` (:meth:`freekd.FreeKDLoss.preset`), ``loss``: its
+    weights FreeKD. ``preset``: ``recommended`` (default: the measured best, docs/results.md),
+    ``paper``, ``official`` or another of :meth:`freekd.FreeKDLoss.presets`
+    (:meth:`freekd.FreeKDLoss.preset`), ``loss``: its
     overrides (``num_prompts``, ``levels``, ``wavelet``, ``granularity``, ``dissimilarity``,
     ``relational``, ``include_low``, ``gate``, ``loss_weight``, ``mask_logits``,
     ``relation_temperature``, ``relation_source``, ``band_weighting``, ``decoupled``,
@@ -208,7 +210,7 @@ class DistillSection:
 
     method: str = "freekd"
     method_args: dict[str, Any] = field(default_factory=dict)
-    preset: str = "paper"
+    preset: str = "recommended"
     loss: dict[str, Any] = field(default_factory=dict)
     mu: float = 1.0
     projection: Projector = "auto"
