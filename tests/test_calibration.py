@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -57,3 +58,58 @@ def test_detached_loss_and_mismatched_lists_are_refused():
         calibrate_weight(feature.sum(), feature.sum().detach(), [feature])
     with pytest.raises(ValueError, match="one feature list per batch"):
         calibrate_weight([feature.sum()], [feature.sum(), feature.sum()], [[feature]])
+
+
+def _pair():
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.Conv2d(6, 2, 1))
+    student = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.Dropout(0.5),
+        torch.nn.Conv2d(4, 2, 1),
+    )
+    return teacher, student
+
+
+def _task(model, batch):
+    return model(batch).square().mean()
+
+
+def test_distiller_calibrate_matches_a_hand_computed_weight_and_changes_nothing():
+    from freekd import Distiller, FeatureMSE
+
+    teacher, student = _pair()
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(3)]
+    distiller = Distiller(
+        teacher, student, ["0"], ["1"], {"mse": FeatureMSE()}, _task, example_batch=batches[0]
+    )
+    before = {k: v.clone() for k, v in distiller.state_dict().items()}
+    torch.manual_seed(5)
+    mu = distiller.calibrate(batches)["mse"]
+    after_rng = torch.rand(3)
+
+    # the same weight by hand: student features (the BatchNorm output, before the 4 -> 6
+    # projection), dropout masks drawn from the same stream, task and MSE gradient norms summed
+    torch.manual_seed(5)
+    reference = copy.deepcopy(distiller)
+    task_norm = distill_norm = 0.0
+    for batch in batches:
+        captured = []
+        hook = reference.student[1].register_forward_hook(lambda m, i, o: captured.append(o))
+        task = _task(reference.student, batch)
+        hook.remove()
+        target = reference.teacher[0](batch).detach()
+        distill = (reference.projections[0](captured[0]) - target).square().mean()
+        task_norm += gradient_norm(task, captured)
+        distill_norm += gradient_norm(distill, captured)
+    assert mu == pytest.approx(task_norm / distill_norm, rel=1e-5)
+
+    # weights, BatchNorm statistics and the random stream are as before the call
+    state = distiller.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in before.items())
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(3), after_rng)
+    assert distiller.student.training and not distiller.teacher.training
+    with pytest.raises(ValueError, match="at least one batch"):
+        distiller.calibrate([])

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["calibrate_weight", "gradient_norm"]
+__all__ = ["calibrate_weight", "gradient_norm", "weight_from_norms"]
 
 
 def gradient_norm(loss: Tensor, features: Sequence[Tensor]) -> float:
@@ -84,6 +84,12 @@ def calibrate_weight(
         )
     task_norm = sum(gradient_norm(t, f) for t, f in zip(task_losses, features, strict=True))
     distill_norm = sum(gradient_norm(d, f) for d, f in zip(distill_losses, features, strict=True))
+    return weight_from_norms(task_norm, distill_norm)
+
+
+def weight_from_norms(task_norm: float, distill_norm: float) -> float:
+    """``task_norm / distill_norm`` (gradient norms summed over the same batches), refusing a
+    distillation loss without gradient."""
     if not distill_norm > 0 or not math.isfinite(distill_norm):
         raise ValueError(
             f"the distillation loss has gradient norm {distill_norm} on the student's features: "

@@ -20,7 +20,7 @@ compare named outputs of teacher and student submodules (e.g. box-regression hea
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_choice
+from .calibration import gradient_norm, weight_from_norms
 from .frozen import TaskLoss, freeze, loss_terms
 from .losses.freekd import FreeKDLoss
 from .taps import FeatureTaps
@@ -348,6 +349,45 @@ class Distiller(nn.Module):
             terms[f"output/{name}"] = spec.weight * spec.loss(s, t)
         self._check_finite(teacher_feats + teacher_outputs, tapped, terms, raise_nonfinite)
         return terms
+
+    def calibrate(self, batches: Iterable[Any]) -> dict[str, float]:
+        """``{name: mu0}`` for every feature loss: the weight at which ``mu0 * loss`` pulls the
+        student's tapped features (before projection) as hard as the student's task loss does,
+        ``||grad_F(mu0 * L)|| = ||grad_F(L_task)||`` with the norms summed over ``batches``
+        (:func:`freekd.calibrate_weight`). Call it at initialization, then set
+        ``loss_weights[name] = factor * mu0`` (factor 1 is the measured default; sweep
+        ``1/3, 1, 3`` to tune). Weights, buffers (BatchNorm statistics), train/eval mode and the
+        random-number streams are left as they were, so a calibrated run starts exactly like an
+        uncalibrated one.
+
+        Raises:
+            ValueError: no batch, or a loss without gradient on the student's features.
+        """
+        state = {name: value.clone() for name, value in self.state_dict().items()}
+        mode = [(module, module.training) for module in self.modules()]
+        device = next(self.student.parameters()).device
+        devices = [device.index or 0] if device.type == "cuda" else []
+        task_norm, distill_norms, count = 0.0, dict.fromkeys(self.feature_losses, 0.0), 0
+        self.train()
+        with torch.random.fork_rng(devices=devices):
+            for batch in batches:
+                teacher_feats, _ = self._teacher_forward(batch)
+                self._student_taps.clear()
+                task = sum(loss_terms(self.task_loss(self.student, batch), "task").values())
+                student_feats = self._student_feature_list()
+                projected = [phi(f) for phi, f in zip(self.projections, student_feats, strict=True)]
+                task_norm += gradient_norm(task, student_feats)
+                for name, loss in self.feature_losses.items():
+                    term = loss(projected, teacher_feats)
+                    distill_norms[name] += gradient_norm(term, student_feats)
+                count += 1
+        self._student_taps.clear()
+        self.load_state_dict(state)
+        for module, training in mode:
+            module.training = training
+        if count == 0:
+            raise ValueError("calibrate needs at least one batch")
+        return {name: weight_from_norms(task_norm, norm) for name, norm in distill_norms.items()}
 
     # ------------------------------------------------------------------ non-finite values
 

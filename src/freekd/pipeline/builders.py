@@ -231,6 +231,17 @@ def example_batch(config: RunConfig, dataset: Dataset, size: int = 2) -> Any:
     return _collate(config)([dataset[i] for i in range(count)])
 
 
+def calibration_batches(config: RunConfig, dataset: Dataset) -> list[Any]:
+    """``distill.calibration_batches`` batches of ``data.batch_size`` items, the first items of
+    ``dataset`` in order, drawn without touching the random streams of the run (for
+    ``distill.mu: auto``)."""
+    size = min(config.data.batch_size, len(dataset))  # type: ignore[arg-type]
+    count = min(config.distill.calibration_batches, len(dataset) // size)  # type: ignore[arg-type]
+    collate = _collate(config)
+    with torch.random.fork_rng(devices=[]):
+        return [collate([dataset[i * size + j] for j in range(size)]) for i in range(count)]
+
+
 # ---------------------------------------------------------------------------- models
 
 

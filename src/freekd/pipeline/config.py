@@ -8,7 +8,7 @@ One YAML file describes a whole FreeKD project (see ``docs/cli.md`` and ``config
     teacher: {arch: pspnet, backbone: resnet50, checkpoint: null, args: {}, train: {...}}
     student: {arch: pspnet, backbone: resnet18, args: {}, train: {steps, optimizer, schedule}}
     prompts: {steps: 2000, optimizer: {...}, schedule: {...}, dissimilarity_weight: 1.0}
-    distill: {method: freekd, preset: recommended, mu: 1.0, projection: auto, mse_weight: 0, ...}
+    distill: {method: freekd, preset: recommended, mu: auto, projection: auto, mse_weight: 0, ...}
     train:   {precision: 32-true, grad_clip_norm: null, devices: auto, ...}  # trainer settings
 
 :func:`load_config` reads a file, applies ``--set key.sub=value`` overrides (values parsed as
@@ -198,7 +198,12 @@ class DistillSection:
     overrides (``num_prompts``, ``levels``, ``wavelet``, ``granularity``, ``dissimilarity``,
     ``relational``, ``include_low``, ``gate``, ``loss_weight``, ``mask_logits``,
     ``relation_temperature``, ``relation_source``, ``band_weighting``, ``decoupled``,
-    ``student_masks``, ``student_mask_warmup``). ``mu`` weights the FreeKD term.
+    ``student_masks``, ``student_mask_warmup``). ``mu`` weights the FreeKD term (or the
+    baseline's): a number, or ``auto`` (default), the weight at which the term pulls the student's
+    distilled features as hard as its task loss does at initialization
+    (:meth:`freekd.Distiller.calibrate` on ``calibration_batches`` batches; the value is logged
+    and kept in ``calibration.json``), times ``mu_factor`` (1: the measured best; sweep
+    1/3, 1, 3 to tune).
     ``teacher_taps`` / ``student_taps``: the distilled layers (default: the models'),
     ``projection``: ``auto`` | ``always`` | ``none``. The official recipes' extra terms:
     ``mse_weight`` (spatial MSE on the projected features) and ``head_weight`` (SmoothL1
@@ -212,7 +217,9 @@ class DistillSection:
     method_args: dict[str, Any] = field(default_factory=dict)
     preset: str = "recommended"
     loss: dict[str, Any] = field(default_factory=dict)
-    mu: float = 1.0
+    mu: float | Literal["auto"] = "auto"
+    mu_factor: float = 1.0
+    calibration_batches: int = 4
     projection: Projector = "auto"
     teacher_taps: list[str] | None = None
     student_taps: list[str] | None = None
@@ -227,8 +234,21 @@ class DistillSection:
             if getattr(self, name) not in choices:
                 raise ConfigError(name, choice_problem(getattr(self, name), choices))
         for name in ("mu", "mse_weight", "head_weight"):
-            if getattr(self, name) < 0:
-                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value != "auto" and value < 0:
+                raise ConfigError(name, f"must be >= 0, got {value}")
+        if self.mu_factor <= 0:
+            raise ConfigError("mu_factor", f"must be > 0, got {self.mu_factor}")
+        if self.mu != "auto" and self.mu_factor != 1.0:
+            raise ConfigError(
+                "mu_factor",
+                f"scales the calibrated weight of mu: auto; with mu: {self.mu} give the weight "
+                f"in mu and leave mu_factor at 1",
+            )
+        if self.calibration_batches < 1:
+            raise ConfigError(
+                "calibration_batches", f"must be >= 1, got {self.calibration_batches}"
+            )
         if self.method == "mse" and self.mse_weight > 0:
             raise ConfigError(
                 "mse_weight",

@@ -26,6 +26,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from .._checks import check_choice
@@ -39,6 +40,7 @@ from .builders import (
     build_data,
     build_freekd_loss,
     build_spec,
+    calibration_batches,
     example_batch,
     job_dir,
     load_model_weights,
@@ -397,7 +399,7 @@ def distill(config: RunConfig, resume: str | None = None, force: bool = False) -
     else:
         loss = build_baseline_loss(config, channels)
     feature_losses: dict[str, nn.Module] = {settings.method: loss}
-    weights = {settings.method: settings.mu}
+    weights = {settings.method: 1.0 if settings.mu == "auto" else settings.mu}
     if settings.mse_weight > 0:
         feature_losses["mse"] = FeatureMSE()
         weights["mse"] = settings.mse_weight
@@ -416,12 +418,16 @@ def distill(config: RunConfig, resume: str | None = None, force: bool = False) -
         output_losses=_output_losses(config),
         nonfinite=settings.nonfinite,
     )
+    calibration = None
+    if settings.mu == "auto":
+        calibration = calibrated_mu(config, distiller, train_set)
+        distiller.loss_weights[settings.method] = calibration["mu"]
     job = config.student.train
     module = DistillModule(
         distiller, job.optimizer, job.schedule, student_path=directory / "student.safetensors"
     )
     # DistillModule exported already; export again with the architecture in the metadata.
-    return _train_and_export(
+    result = _train_and_export(
         config,
         _TrainJob(
             role="student",
@@ -437,6 +443,35 @@ def distill(config: RunConfig, resume: str | None = None, force: bool = False) -
         resume,
         force,
     )
+    if calibration is not None:
+        result.metrics["distill/mu"] = calibration["mu"]
+        if rank_zero_only.rank == 0:
+            write_json(calibration, directory / "calibration.json")
+    return result
+
+
+def calibrated_mu(config: RunConfig, distiller: Distiller, train_set: Any) -> dict[str, Any]:
+    """``distill.mu: auto``: ``mu_factor * mu0`` of the distillation term, ``mu0`` from
+    :meth:`freekd.Distiller.calibrate` on the student at initialization. A resumed run
+    rebuilds the same initial student (same seed) before loading its checkpoint, so it gets the
+    same weight. Returns the record written to the job's ``calibration.json``."""
+    settings = config.distill
+    mu0 = distiller.calibrate(calibration_batches(config, train_set))[settings.method]
+    logger.info(
+        "distill.mu: auto -> %.4g (mu0 %.4g x mu_factor %g: the %s term pulls the student's "
+        "features as hard as its task loss at initialization)",
+        settings.mu_factor * mu0,
+        mu0,
+        settings.mu_factor,
+        settings.method,
+    )
+    return {
+        "method": settings.method,
+        "mu0": mu0,
+        "mu_factor": settings.mu_factor,
+        "mu": settings.mu_factor * mu0,
+        "batches": settings.calibration_batches,
+    }
 
 
 # ---------------------------------------------------------------------------- evaluation
