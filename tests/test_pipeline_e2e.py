@@ -49,20 +49,30 @@ def demo_run(tmp_path_factory) -> Path:
         "demo", "--quick", "--run-dir", run_dir, "--device", "cpu", *sets(TINY_SEGMENTATION)
     )
     assert result.exit_code == 0, result.output
-    assert "FreeKD student" in result.output and "baseline student" in result.output
+    for row in ("teacher", "no distillation", "MSE (FitNet)", "FreeKD"):
+        assert row in result.output
+    assert "over no distillation" in result.output and "over MSE" in result.output
     return run_dir
 
 
 def student_model():
-    return build_model("segmentation", "pspnet", "resnet18", num_classes=11).model
+    return build_model(
+        "segmentation",
+        "fpn",
+        "mobilenetv3_small_050",
+        num_classes=11,
+        decoder_pyramid_channels=64,
+        decoder_segmentation_channels=32,
+    ).model
 
 
 def test_demo_run_folder(demo_run):
-    for name in ("config.yaml", "metrics.json", "masks.png"):
+    for name in ("config.yaml", "metrics.json", "masks.png", "results.png"):
         assert (demo_run / name).is_file(), name
     for folder, output in (
         ("teacher", "teacher.safetensors"),
         ("student_baseline", "student.safetensors"),
+        ("student_mse", "student.safetensors"),
         ("prompts", "prompts.safetensors"),
         ("student_freekd", "student.safetensors"),
     ):
@@ -70,10 +80,13 @@ def test_demo_run_folder(demo_run):
         assert (demo_run / folder / "checkpoints" / "last.ckpt").is_file()
         assert list((demo_run / folder / "logs").glob("version_*/metrics.csv"))
     summary = json.loads((demo_run / "metrics.json").read_text())
-    assert [row["role"] for row in summary["rows"]] == ["teacher", "baseline", "student"]
+    assert [row["role"] for row in summary["rows"]] == ["teacher", "baseline", "mse", "student"]
     assert summary["metric"] == "mIoU"
     assert all(0 <= row["value"] <= 100 for row in summary["rows"])
-    assert summary["rows"][1]["parameters"] == summary["rows"][2]["parameters"]
+    assert len({row["parameters"] for row in summary["rows"][1:]}) == 1  # the same student
+    # mu: auto calibrated both distillation weights at initialization
+    for folder in ("student_mse", "student_freekd"):
+        assert json.loads((demo_run / folder / "calibration.json").read_text())["mu"] > 0
 
 
 def test_student_loads_strictly_into_the_plain_model(demo_run):
@@ -133,7 +146,7 @@ def test_demo_refuses_a_used_folder_and_resumes(demo_run):
     assert again.exit_code == 2 and "--resume" in again.stderr
     resumed = invoke("demo", "--quick", "--run-dir", demo_run, "--resume", *sets(TINY_SEGMENTATION))
     assert resumed.exit_code == 0, resumed.output
-    assert resumed.output.count("already done") == 4
+    assert resumed.output.count("already done") == 5
 
 
 def test_subcommands_on_tiny_detection(tmp_path):

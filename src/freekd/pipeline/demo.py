@@ -1,19 +1,22 @@
 """``freekd demo``: the whole FreeKD pipeline on the built-in digit scenes, in minutes on a CPU.
 
-For one task (segmentation by default, or detection) it trains a teacher and a baseline
-student, tunes the frequency prompts on the frozen teacher, distills a FreeKD student with the
-same settings as the baseline, evaluates the three models on the validation scenes and prints a
-table (metric and parameters). The run folder holds ``config.yaml``, ``metrics.json``,
-``masks.png`` (the learned masks over a validation image) and one folder per job with its
-Lightning logs and checkpoints.
+For one task (segmentation by default, or detection) it trains a teacher, a student without
+distillation, a student distilled with the FitNet feature MSE, tunes the frequency prompts on the
+frozen teacher and distills a FreeKD student (preset ``recommended``, ``mu: auto``), every student
+with the same settings and seed; it evaluates the four models on the validation scenes and prints
+a table (metric, parameters, time) with one line saying what it means. The run folder holds
+``config.yaml``, ``metrics.json``, ``masks.png`` (the learned masks over a validation image),
+``results.png`` (the table as a bar chart) and one folder per job with its logs and checkpoints.
 
-The settings are :data:`DEMO_CONFIGS` (also shipped as ``configs/digits_demo_*.yaml``);
-``quick`` applies :data:`QUICK_OVERRIDES` (fewer steps and images).
+The settings are :data:`DEMO_CONFIGS` (also shipped as ``configs/digits_demo_*.yaml``): the
+quality benchmark's FPN pair (benchmarks/quality_v2.py) scaled down to 64-px scenes; ``quick``
+applies :data:`QUICK_OVERRIDES` (fewer steps and images).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 import sys
 import time
@@ -48,50 +51,75 @@ __all__ = [
 DEMO_TASKS = ("segmentation", "detection")
 
 _ADAMW = {"name": "adamw", "lr": 0.001, "weight_decay": 0.0001}
+# The quality benchmark's pair scaled down (benchmarks/quality_v2.py): pyramids of 128 and 64
+# channels (every distilled layer needs a projection), no dropout.
+_FPN_TEACHER = {
+    "decoder_pyramid_channels": 128,
+    "decoder_segmentation_channels": 64,
+    "decoder_dropout": 0.0,
+}
+_FPN_STUDENT = {
+    "decoder_pyramid_channels": 64,
+    "decoder_segmentation_channels": 32,
+    "decoder_dropout": 0.0,
+}
 
 DEMO_CONFIGS: dict[str, dict[str, Any]] = {
     "segmentation": {
-        "description": "FreeKD demo: digit-scene segmentation, PSPNet-R34 teacher -> PSPNet-R18 "
-        "student, from scratch on a CPU",
+        "description": "FreeKD demo: digit-scene segmentation, FPN-ResNet-18 teacher -> "
+        "FPN-MobileNetV3-Small-0.5 student, from scratch on a CPU",
         "task": "segmentation",
         "seed": 0,
         "device": "auto",
         "data": {
             "name": "digits",
-            "args": {"size": 64, "digit_scale": [0.4, 0.7], "max_digits": 3, "clutter": 0.5},
+            "args": {
+                "size": 64,
+                "min_digits": 2,
+                "max_digits": 5,
+                "digit_scale": [0.22, 0.4],
+                "clutter": 0.5,
+            },
             "train_args": {"length": 4000},
             "val_args": {"length": 200},
-            "batch_size": 4,
-            "val_batch_size": 25,
+            "batch_size": 8,
+            "val_batch_size": 50,
             "crop_size": 64,
-            "scale_range": [0.8, 1.25],
+            "scale_range": [1.0, 1.0],
             "hflip_prob": 0.0,
         },
         "teacher": {
-            "arch": "pspnet",
-            "backbone": "resnet34",
+            "arch": "fpn",
+            "backbone": "resnet18",
+            "args": dict(_FPN_TEACHER),
             "train": {
-                "steps": 800,
+                "steps": 600,
                 "optimizer": dict(_ADAMW),
-                "schedule": {"kind": "cosine", "min_lr": 0.00001},
+                "schedule": {"kind": "cosine", "warmup_steps": 50, "min_lr": 0.00001},
             },
         },
         "student": {
-            "arch": "pspnet",
-            "backbone": "resnet18",
+            "arch": "fpn",
+            "backbone": "mobilenetv3_small_050",
+            "args": dict(_FPN_STUDENT),
             "train": {
-                "steps": 300,
+                "steps": 500,
                 "optimizer": dict(_ADAMW),
-                "schedule": {"kind": "cosine", "min_lr": 0.00001},
+                "schedule": {"kind": "cosine", "warmup_steps": 50, "min_lr": 0.00001},
             },
         },
         "prompts": {
-            "steps": 40,
+            "steps": 60,
             "optimizer": {"name": "adam", "lr": 0.01, "weight_decay": 0.001},
             "schedule": {"kind": "cosine", "min_lr": 0.000001},
         },
-        "distill": {"preset": "paper", "mu": 1.0, "projection": "auto"},
-        "train": {"checkpoint_every_steps": 100, "keep_checkpoints": 1, "log_every_steps": 10},
+        "distill": {
+            "preset": "recommended",
+            "loss": {"levels": [3, 2, 1]},
+            "mu": "auto",
+            "projection": "auto",
+        },
+        "train": {"checkpoint_every_steps": 250, "keep_checkpoints": 1, "log_every_steps": 50},
     },
     "detection": {
         "description": "FreeKD demo: digit-scene detection, RetinaNet-R34 teacher -> "
@@ -133,7 +161,12 @@ DEMO_CONFIGS: dict[str, dict[str, Any]] = {
             "optimizer": {"name": "adam", "lr": 0.01, "weight_decay": 0.001},
             "schedule": {"kind": "cosine", "min_lr": 0.000001},
         },
-        "distill": {"preset": "paper", "mu": 1.0, "projection": "auto"},
+        "distill": {
+            "preset": "recommended",
+            "loss": {"levels": [3, 2, 1, 1, 1]},  # P3..P7: 12x12 down to 1x1 at 96 px
+            "mu": "auto",
+            "projection": "auto",
+        },
         "train": {
             "grad_clip_norm": 35.0,
             "checkpoint_every_steps": 100,
@@ -205,30 +238,48 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+_ARCH_NAMES = {
+    "pspnet": "PSPNet",
+    "deeplabv3": "DeepLabV3",
+    "fpn": "FPN",
+    "retinanet": "RetinaNet",
+    "fcos": "FCOS",
+    "faster_rcnn": "Faster R-CNN",
+}
+_BACKBONE_NAMES = {
+    "mobilenetv3_small_050": "MobileNetV3-S-0.5",
+    "mobilenetv3_small_100": "MobileNetV3-S",
+    "mobilenetv3_large_100": "MobileNetV3-L",
+}
+
+
 def _label(arch: str, backbone: str) -> str:
-    names = {
-        "pspnet": "PSPNet",
-        "deeplabv3": "DeepLabV3",
-        "retinanet": "RetinaNet",
-        "fcos": "FCOS",
-        "faster_rcnn": "Faster R-CNN",
-    }
-    return f"{names.get(arch, arch)}-R{backbone.removeprefix('resnet')}"
+    name = _BACKBONE_NAMES.get(backbone, f"R{backbone.removeprefix('resnet')}")
+    return f"{_ARCH_NAMES.get(arch, arch)}-{name}"
+
+
+_ROWS = (  # (role in the summary, label, job): the demo's models in table order
+    ("teacher", "teacher", "teacher"),
+    ("baseline", "no distillation", "baseline"),
+    ("mse", "MSE (FitNet)", "student"),
+    ("student", "FreeKD", "student"),
+)
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    """The demo's result table (plain text)."""
+    """The demo's result table (plain text), with the line that says what it means."""
     metric = summary["metric"]
-    rows = [("model", "architecture", "parameters", metric, "train steps")]
+    rows = [("model", "architecture", "parameters", metric, "train steps", "time")]
     for row in summary["rows"]:
-        value = row["value"]
+        value, seconds = row["value"], row.get("seconds")
         rows.append(
             (
                 row["name"],
                 row["architecture"],
-                f"{row['parameters'] / 1e6:.1f} M",
+                f"{row['parameters'] / 1e6:.2f} M",
                 "n/a" if value is None else f"{value:.2f}",
                 str(row["steps"]),
+                "" if seconds is None else f"{seconds:.0f} s",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -236,18 +287,29 @@ def format_table(summary: dict[str, Any]) -> str:
     for index, row in enumerate(rows):
         cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
         cells += [cell.rjust(width) for cell, width in zip(row[2:], widths[2:], strict=True)]
-        lines.append("  ".join(cells))
+        lines.append("  ".join(cells).rstrip())
         if index == 0:
             lines.append("  ".join("-" * w for w in widths))
     title = (
         f"FreeKD demo: {summary['task']} on digits ({summary['val_images']} validation scenes, "
         f"{metric} in %), device {summary['device']}, {summary['seconds'] / 60:.1f} min"
     )
-    delta = summary.get("freekd_minus_baseline")
-    footer = (
-        f"FreeKD student - baseline student: {delta:+.2f} {metric}" if delta is not None else ""
+    return "\n".join([title, *lines, verdict(summary)]).rstrip()
+
+
+def verdict(summary: dict[str, Any]) -> str:
+    """One line: FreeKD's gain over no distillation and over MSE, and what it rests on."""
+    values = {row["role"]: row["value"] for row in summary["rows"]}
+    if any(values.get(role) is None for role in ("baseline", "mse", "student")):
+        return "a score is missing (n/a): no comparison"
+    metric = summary["metric"]
+    over_none = values["student"] - values["baseline"]
+    over_mse = values["student"] - values["mse"]
+    return (
+        f"FreeKD {over_none:+.2f} {metric} over no distillation, {over_mse:+.2f} over MSE on this "
+        f"short run (one seed, {summary['val_images']} scenes: differences of about 1 point are "
+        f"noise; docs/results.md has the paired-seed benchmark)"
     )
-    return "\n".join([title, *lines, footer]).rstrip()
 
 
 def _run_stage(
@@ -257,89 +319,126 @@ def _run_stage(
     output: str,
     job: Callable[..., Any],
     resume: bool,
-    timings: dict[str, float],
-) -> None:
+) -> float | None:
+    """Run one job of the demo (or skip it when a resumed demo has it); its seconds."""
     done, resume_from = _stage_state(config, role, output) if resume else (False, None)
     if done:
         _say(f"[demo] {name}: already done ({job_dir(config, role) / output}), skipped")
-        return
+        return None
     _say(f"[demo] {name} ...")
     start = time.perf_counter()
     result = job(config, resume=resume_from, force=resume_from is None)
-    timings[role] = round(time.perf_counter() - start, 1)
+    seconds = round(time.perf_counter() - start, 1)
     if not result.completed:
         raise RuntimeError(f"the {name} job stopped before its last step")
-    _say(f"[demo] {name}: done in {timings[role]:.0f} s")
+    _say(f"[demo] {name}: done in {seconds:.0f} s")
+    return seconds
+
+
+def mse_config(config: RunConfig) -> RunConfig:
+    """``config`` with the FitNet feature MSE as the distillation loss (same weight rule)."""
+    return dataclasses.replace(config, distill=dataclasses.replace(config.distill, method="mse"))
 
 
 def run_demo(config: RunConfig, force: bool = False, resume: bool = False) -> dict[str, Any]:
-    """Run the demo pipeline described by ``config`` into ``config.run_dir``; returns (and
-    writes to ``metrics.json``) the summary with the table rows."""
+    """Run the demo pipeline described by ``config`` into ``config.run_dir``: teacher, student
+    without distillation, student distilled with MSE, prompts and the FreeKD student; returns
+    (and writes to ``metrics.json``) the summary with the table rows, and writes ``masks.png``
+    and ``results.png``."""
     start = time.perf_counter()
     run_dir = Path(config.run_dir)
     _prepare(run_dir, force, resume)
     dump_config(config, run_dir / "config.yaml")
     device = resolve_device(config.device)
     _say(f"[demo] {config.task} on digits, device {device}, run folder {run_dir}")
-    timings: dict[str, float] = {}
+    fitnet = mse_config(config)
+    configs = {"teacher": config, "baseline": config, "mse": fitnet, "student": config}
+    seconds: dict[str, float | None] = {}
     if not config.teacher.checkpoint:
-        _run_stage(
-            "teacher", config, "teacher", "teacher.safetensors", train_teacher, resume, timings
+        seconds["teacher"] = _run_stage(
+            "teacher", config, "teacher", "teacher.safetensors", train_teacher, resume
         )
-    _run_stage(
-        "baseline student",
+    seconds["baseline"] = _run_stage(
+        "student without distillation",
         config,
         "baseline",
         "student.safetensors",
         train_baseline,
         resume,
-        timings,
     )
-    _run_stage(
-        "prompt tuning", config, "prompts", "prompts.safetensors", tune_prompts, resume, timings
+    seconds["mse"] = _run_stage(
+        "MSE student", fitnet, "student", "student.safetensors", distill, resume
     )
-    _run_stage("FreeKD student", config, "student", "student.safetensors", distill, resume, timings)
+    seconds["prompts"] = _run_stage(
+        "prompt tuning", config, "prompts", "prompts.safetensors", tune_prompts, resume
+    )
+    seconds["student"] = _run_stage(
+        "FreeKD student", config, "student", "student.safetensors", distill, resume
+    )
     _say("[demo] evaluating ...")
     evaluation_start = time.perf_counter()
-    results = {role: evaluate_model(config, role) for role in ("teacher", "baseline", "student")}
-    timings["evaluation"] = round(time.perf_counter() - evaluation_start, 1)
+    results = {role: evaluate_model(configs[role], job) for role, _, job in _ROWS}
+    seconds["evaluation"] = round(time.perf_counter() - evaluation_start, 1)
     masks = visualize(config)
-    steps = {
-        "teacher": config.teacher.train.steps if not config.teacher.checkpoint else None,
-        "baseline": config.student.train.steps,
-        "student": config.student.train.steps,
-    }
-    names = {"teacher": "teacher", "baseline": "baseline student", "student": "FreeKD student"}
+    teacher_steps = config.teacher.train.steps if not config.teacher.checkpoint else "given"
     rows = [
         {
-            "name": names[role],
+            "name": name,
             "role": role,
-            "architecture": _label(result["arch"], result["backbone"]),
-            "parameters": result["parameters"],
-            "value": result["value"],
-            "steps": steps[role] if steps[role] is not None else "given",
-            "scores": result["scores"],
+            "architecture": _label(results[role]["arch"], results[role]["backbone"]),
+            "parameters": results[role]["parameters"],
+            "value": results[role]["value"],
+            "steps": teacher_steps if role == "teacher" else config.student.train.steps,
+            "seconds": seconds.get(role),
+            "scores": results[role]["scores"],
         }
-        for role, result in results.items()
+        for role, name, _ in _ROWS
     ]
-    baseline, student = results["baseline"]["value"], results["student"]["value"]
     summary = {
         "task": config.task,
         "metric": PRIMARY_METRIC[config.task],
         "device": device,
         "val_images": results["student"]["images"],
         "rows": rows,
-        "freekd_minus_baseline": (
-            None if baseline is None or student is None else student - baseline
-        ),
-        "timings_s": timings,
+        "timings_s": seconds,
         "seconds": round(time.perf_counter() - start, 1),
         "masks": str(masks),
         "run_dir": str(run_dir),
         "command": " ".join(sys.argv),
     }
+    summary["verdict"] = verdict(summary)
+    chart = results_chart(summary, run_dir / "results.png")
+    summary["chart"] = None if chart is None else str(chart)
     write_json(summary, run_dir / "metrics.json")
     return summary
+
+
+def results_chart(summary: dict[str, Any], path: Path) -> Path | None:
+    """A bar chart of the table's metric per model (PNG), or ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        _say("[demo] results.png skipped: matplotlib is not installed (pip install matplotlib)")
+        return None
+    rows = [row for row in summary["rows"] if row["value"] is not None]
+    figure, axes = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    colors = ["0.55", "0.75", "tab:blue", "tab:orange"][: len(rows)]
+    bars = axes.bar([row["name"] for row in rows], [row["value"] for row in rows], color=colors)
+    axes.bar_label(bars, fmt="%.1f")
+    axes.set_ylabel(f"{summary['metric']} (%)")
+    axes.set_title(
+        f"FreeKD demo: {summary['task']} on digits, {summary['val_images']} validation scenes, "
+        f"one seed",
+        fontsize=9,
+    )
+    axes.set_ylim(0, max(row["value"] for row in rows) * 1.15 + 1)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
 
 
 def default_run_dir(task: str) -> Path:
