@@ -28,6 +28,7 @@ from typing import Annotated, Any
 import typer
 
 from ._choices import ROLES, SPLITS
+from ._recipes import copy_recipe, recipe_names, recipe_path, recipe_summary, resolve_config
 from .losses.base import baseline_losses
 
 __all__ = ["app", "cli_words", "main"]
@@ -76,7 +77,8 @@ ConfigOption = Annotated[
     typer.Option(
         "--config",
         "-c",
-        help="YAML config of the run (e.g. configs/coco_retinanet_r101_r50_paper.yaml).",
+        help="YAML config of the run: a file (e.g. configs/coco_retinanet_r101_r50_paper.yaml) "
+        "or recipe:NAME for a shipped recipe (freekd configs list).",
         show_default=False,
     ),
 ]
@@ -133,7 +135,7 @@ def _overrides(sets: list[str] | None, run_dir: Path | None, device: str | None)
 def _load(config: Path, sets: list[str] | None, run_dir: Path | None, device: str | None):
     from .pipeline.config import load_config
 
-    return load_config(config, _overrides(sets, run_dir, device))
+    return load_config(resolve_config(config), _overrides(sets, run_dir, device))
 
 
 def _resume(resume: bool, resume_from: Path | None) -> str | None:
@@ -234,14 +236,20 @@ _CLI_WORDS: tuple[tuple[str, str], ...] = (
 )
 
 
+def _option_words(text: str) -> str:
+    """The part of :func:`cli_words` that needs no pipeline import (:data:`_CLI_WORDS`)."""
+    for pattern, replacement in _CLI_WORDS:
+        text = re.sub(pattern, replacement, text)
+    return text
+
+
 def cli_words(text: str) -> str:
     """``text`` (a message of the Python API) in the command line's words: ``--resume`` for
     ``resume='last'``, ``--force`` for ``force=True``, ``train.devices`` for
     ``TrainConfig.devices``, ``--set ...`` for keyword arguments, ... (:data:`_CLI_WORDS`)."""
     from .pipeline.config import TrainerSection
 
-    for pattern, replacement in _CLI_WORDS:
-        text = re.sub(pattern, replacement, text)
+    text = _option_words(text)
     trainer_keys = "|".join(f.name for f in dataclasses.fields(TrainerSection))
     return re.sub(rf"\bTrainConfig\.({trainer_keys})\b", r"train.\1", text)
 
@@ -327,21 +335,33 @@ def _quiet_libraries() -> None:
 # ---------------------------------------------------------------------------- commands
 
 
+def _print_version(value: bool) -> None:
+    """``--version``: print the version and exit, before the command is looked for (so that
+    ``freekd --version`` alone works)."""
+    if value:
+        from ._version import __version__
+
+        typer.echo(f"freekd {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(
     debug: Annotated[
         bool, typer.Option("--debug", help="Show the full traceback of every error.")
     ] = False,
     version: Annotated[
-        bool, typer.Option("--version", help="Print the version and exit.", is_eager=True)
+        bool,
+        typer.Option(
+            "--version",
+            help="Print the version and exit.",
+            is_eager=True,
+            expose_value=False,
+            callback=_print_version,
+        ),
     ] = False,
 ) -> None:
     """FreeKD knowledge distillation for detectors and segmenters."""
-    if version:
-        from ._version import __version__
-
-        typer.echo(f"freekd {__version__}")
-        raise typer.Exit(0)
     _STATE["debug"] = debug or os.environ.get("FREEKD_DEBUG", "") not in ("", "0")
 
 
@@ -660,8 +680,8 @@ def demo_command(
         typer.Option(
             "--config",
             "-c",
-            help="YAML merged over the built-in demo settings "
-            "(configs/digits_demo_<task>.yaml holds them).",
+            help="YAML merged over the built-in demo settings, a file or recipe:NAME "
+            "(recipe:digits_demo_<task> holds them).",
             show_default=False,
         ),
     ] = None,
@@ -702,16 +722,76 @@ def demo_command(
             base = run_dir if run_dir is not None else default_run_dir(task.value)
             folder = base / name if len(tasks) > 1 else base
             overrides = _overrides(sets, None, device)
-            configs.append(demo_config(name, quick, config, overrides, run_dir=folder))
+            merged = resolve_config(config) if config is not None else None
+            configs.append(demo_config(name, quick, merged, overrides, run_dir=folder))
         for cfg in configs:
             check_devices(cfg)  # before any stage starts
         summaries = [run_demo(cfg, force=force, resume=resume) for cfg in configs]
         for summary in summaries:
             _echo("")
             _echo(format_table(summary))
-            _echo(f"run folder: {summary['run_dir']} (metrics.json, masks.png, config.yaml)")
+            chart = ", results.png" if summary.get("chart") else ""
+            _echo(f"run folder: {summary['run_dir']} (metrics.json, masks.png{chart}, config.yaml)")
 
     _run(job)
+
+
+# ---------------------------------------------------------------------------- recipes
+
+configs_app = typer.Typer(
+    help="The recipes shipped with freekd: list, show or copy them (or pass -c recipe:NAME).",
+    no_args_is_help=True,
+)
+app.add_typer(configs_app, name="configs")
+
+RecipeName = Annotated[
+    str,
+    typer.Argument(
+        help="Recipe name, e.g. digits_demo_segmentation (freekd configs list).", show_default=False
+    ),
+]
+
+
+def _recipe_job(job: Callable[[], None]) -> None:
+    """Run a recipe command: a wrong name or an existing file -> one line, exit status 2 (no
+    pipeline import: these commands take milliseconds)."""
+    try:
+        job()
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError) as error:
+        if _STATE["debug"]:
+            raise
+        typer.echo(f"freekd: error: {_option_words(str(error))}", err=True)
+        raise typer.Exit(EXIT_USER_ERROR) from None
+
+
+@configs_app.command("list")
+def configs_list_command() -> None:
+    """List the shipped recipes: name and what each runs."""
+    names = recipe_names()
+    width = max(len(name) for name in names)
+    for name in names:
+        typer.echo(f"{name:{width}s}  {recipe_summary(name)}")
+
+
+@configs_app.command("show")
+def configs_show_command(name: RecipeName) -> None:
+    """Print a shipped recipe."""
+    _recipe_job(lambda: typer.echo(recipe_path(name).read_text(encoding="utf-8"), nl=False))
+
+
+@configs_app.command("copy")
+def configs_copy_command(
+    name: RecipeName,
+    destination: Annotated[
+        str | None,
+        typer.Argument(
+            help="File or folder to copy it to (default: NAME.yaml here).", show_default=False
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Copy a shipped recipe to edit it (then pass the copy with -c)."""
+    _recipe_job(lambda: typer.echo(f"copied: {copy_recipe(name, destination, force)}"))
 
 
 def main(argv: list[str] | None = None) -> None:
