@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from freekd import FreeKDLoss
+from freekd.checkpoints import state_sha256
 from freekd.train import (
     DistillModule,
     OptimConfig,
@@ -80,9 +81,18 @@ def fixed_batch(size: int = 4):
     return data.images, data.labels
 
 
-def make_distill_module(seed: int = 0, lr: float = 0.05, total: int = 12) -> DistillModule:
+def make_distill_module(
+    seed: int = 0, lr: float = 0.05, total: int = 12, teacher_seed: int = 0
+) -> DistillModule:
+    """The distillation job of :func:`make_distiller`: the teacher of ``teacher_seed`` (as if
+    loaded from its file: checkpoints leave it out), the student and projections of ``seed``."""
+    distiller = make_distiller(teacher_seed)
+    if seed != teacher_seed:
+        other = make_distiller(seed)
+        distiller.student.load_state_dict(other.student.state_dict())
+        distiller.projections.load_state_dict(other.projections.state_dict())
     return DistillModule(
-        make_distiller(seed),
+        distiller,
         OptimConfig("sgd", lr=lr, momentum=0.9, weight_decay=1e-4),
         ScheduleConfig("cosine", total_steps=total, warmup_steps=3, min_lr=1e-4),
     )
@@ -339,6 +349,11 @@ def test_prompt_tuning_trains_only_the_prompts_and_saves_them(tmp_path):
     fresh.load_prompts(path)
     for tuned, loaded in zip(loss.prompts, fresh.prompts, strict=True):
         assert torch.equal(tuned.tokens, loaded.tokens) and bool(loaded.tuned)
+    # The checkpoint holds the prompts, not the frozen teacher (only its fingerprint).
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not [k for k in saved["state_dict"] if k.startswith("tuner.teacher.")]
+    assert {f"tuner.loss.prompts.{i}.tokens" for i in range(2)} <= set(saved["state_dict"])
+    assert saved["freekd"]["frozen_sha256"] == state_sha256(teacher)
 
 
 def test_distill_module_optimizes_student_and_projections_only(tmp_path):
@@ -458,10 +473,43 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(tmp_path, uninterrupted):
     checkpoint = run_dir / "checkpoints" / "step=000007.ckpt"
     state = torch.load(checkpoint, weights_only=True)  # plain data only
     assert state["global_step"] == 7
+    # No teacher tensor in the checkpoint: its fingerprint only (the student's are all there).
+    module = make_distill_module()
+    teacher_keys = {k for k in module.state_dict() if k.startswith("distiller.teacher.")}
+    assert teacher_keys and not teacher_keys & set(state["state_dict"])
+    assert set(state["state_dict"]) == set(module.state_dict()) - teacher_keys
+    assert state["freekd"]["frozen_sha256"] == state_sha256(module.distiller.teacher)
+    # last.ckpt is a link to the newest step file, not a copy.
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_symlink() and last.resolve() == checkpoint.resolve()
     # Resume in a fresh process state: other initial weights, other RNG state.
     torch.manual_seed(999)
     resumed = run_distillation(run_dir, STEPS, seed=5, resume=checkpoint)
     assert_states_equal(uninterrupted, final_state(resumed))
+
+
+def test_resuming_with_another_teacher_is_refused_in_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    fit(make_distill_module(), make_train_loader(Images(4), 2), config=config(run_dir, 2))
+    other_teacher = make_distill_module(teacher_seed=1)
+    other_teacher.frozen_source = "teacher_v2.safetensors"
+    with pytest.raises(ValueError, match="the teacher differs from the one the run was") as error:
+        fit(
+            other_teacher,
+            make_train_loader(Images(4), 2),
+            config=config(run_dir, 4),
+            resume="last",
+        )
+    message = str(error.value)
+    assert "\n" not in message and "teacher_v2.safetensors" in message and "force=True" in message
+    # The same teacher (its weights equal, however loaded) resumes.
+    result = fit(
+        make_distill_module(seed=3),
+        make_train_loader(Images(4), 2),
+        config=config(run_dir, 4),
+        resume="last",
+    )
+    assert result.global_step == 4
 
 
 class SendSigint(Callback):
@@ -556,7 +604,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_p
 
     def crashing_save(obj, target, *args, **kwargs):
         calls.append(str(target))
-        if len(calls) == 6:  # step 3: step=000003.ckpt was written, last.ckpt is being written
+        if len(calls) == 3:  # step 3: step=000003.ckpt is being written
             Path(target).write_bytes(b"half a checkpoint")
             raise OSError("disk full")
         return real_save(obj, target, *args, **kwargs)
@@ -569,10 +617,12 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_intact(tmp_p
     monkeypatch.setattr(torch, "save", real_save)
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C works again after the crash
     checkpoints = run_dir / "checkpoints"
-    assert Path(calls[5]).name.startswith(".last.ckpt.")  # written to a temporary file
+    assert not [c for c in calls if "last.ckpt" in c]  # a link, never written by torch.save
+    assert Path(calls[2]).name.startswith(".step=000003.ckpt.")  # written to a temporary file
     last = torch.load(checkpoints / "last.ckpt", weights_only=True)
-    assert last["global_step"] == 2  # the previous last.ckpt, whole
-    assert torch.load(checkpoints / "step=000003.ckpt", weights_only=True)["global_step"] == 3
+    assert last["global_step"] == 2  # last.ckpt still points at the previous step file, whole
+    assert (checkpoints / "last.ckpt").resolve() == (checkpoints / "step=000002.ckpt").resolve()
+    assert not (checkpoints / "step=000003.ckpt").exists()
     assert not list(checkpoints.glob(".*.tmp"))  # no temporary file left behind
 
 

@@ -13,10 +13,14 @@ and the fix.
 
 ``export_student(student, path)`` writes the student's plain ``state_dict`` as safetensors: it
 loads with ``strict=True`` into the same architecture built without freekd.
+
+``state_sha256(module)`` fingerprints a model's weights: training checkpoints leave the frozen
+teacher out and keep its fingerprint, which a resumed run checks against the teacher it rebuilt.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -42,6 +46,7 @@ __all__ = [
     "read_safetensors_file",
     "read_state_dict",
     "read_torch_file",
+    "state_sha256",
 ]
 
 logger = logging.getLogger("freekd")
@@ -353,3 +358,26 @@ def export_student(
     info = {"format": "freekd-student/1", "freekd_version": __version__}
     info.update({key: json.dumps(value) for key, value in (metadata or {}).items()})
     return save_safetensors(dict(student.state_dict()), path, info)
+
+
+def state_sha256(source: nn.Module | Mapping[str, Tensor]) -> str:
+    """SHA-256 (hex) of a model's ``state_dict()`` (or of a state dict): every entry's name,
+    dtype, shape and bytes, in name order. Equal for equal weights wherever they live (CPU or
+    GPU, any file format); a changed entry changes it.
+
+    Example:
+        >>> from torch import nn
+        >>> a, b = nn.Linear(2, 3), nn.Linear(2, 3)
+        >>> state_sha256(a) == state_sha256(a.state_dict()), state_sha256(a) == state_sha256(b)
+        (True, False)
+    """
+    state = source.state_dict() if isinstance(source, nn.Module) else source
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name]
+        if not isinstance(tensor, Tensor):
+            continue
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{data.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -5,7 +5,8 @@
 - :class:`RNGState`: stores the RNG states of every process in the checkpoint and restores them
   when training resumes, right before the first batch; validation runs on a forked RNG stream, so
   whether (and when) validation runs does not change the training randomness.
-- :class:`StepCheckpoint`: ``ModelCheckpoint`` every ``k`` steps plus ``last.ckpt``; Ctrl-C (or a
+- :class:`StepCheckpoint`: ``ModelCheckpoint`` every ``k`` steps plus ``last.ckpt`` (a link to
+  the newest step file, not a copy); Ctrl-C (or a
   SIGTERM) stops the run at the end of the current step, after writing a checkpoint there, so
   that resuming from it is exact; any other exception writes ``interrupted.ckpt`` (best effort:
   the state may be in the middle of a step, ``last.ckpt`` is the last consistent one).
@@ -14,7 +15,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -117,8 +120,9 @@ _STEP_FILE = re.compile(r"^step=(\d+)\.ckpt$")
 
 class StepCheckpoint(ModelCheckpoint):
     """Checkpoints ``dirpath/step=NNNNNN.ckpt`` every ``every_n_train_steps`` steps and at the
-    last step, each also as ``dirpath/last.ckpt``; keeps the ``keep`` most recent step files
-    (-1: all).
+    last step; ``dirpath/last.ckpt`` is a relative symbolic link to the newest of them (a hard
+    link where the file system has no symbolic links, a copy where it has neither), replaced
+    atomically; keeps the ``keep`` most recent step files (-1: all).
 
     A first Ctrl-C (SIGINT) asks the run to stop: at the end of the current step every process
     writes the checkpoint (``last.ckpt`` and the step file) and training stops; ``stopped_by``
@@ -132,7 +136,7 @@ class StepCheckpoint(ModelCheckpoint):
             filename="{step:06d}",
             every_n_train_steps=every_n_train_steps,
             save_top_k=-1,
-            save_last=True,
+            save_last="link",
             enable_version_counter=False,
         )
         self.keep = keep
@@ -158,7 +162,7 @@ class StepCheckpoint(ModelCheckpoint):
         loss) left half done; the checkpoints themselves are intact (atomic rename)."""
         if self.dirpath is None or not Path(self.dirpath).is_dir():
             return
-        for path in Path(self.dirpath).glob(".*.ckpt.*.tmp"):
+        for path in Path(self.dirpath).glob(".*.ckpt.*.tmp"):  # also a half-made link
             logger.info("removing %s, left by an interrupted checkpoint write", path.name)
             path.unlink(missing_ok=True)
 
@@ -181,6 +185,24 @@ class StepCheckpoint(ModelCheckpoint):
         )
 
     # ------------------------------------------------------------------ saving
+
+    @staticmethod
+    def _link_checkpoint(trainer: Trainer, filepath: str, linkpath: str) -> None:
+        """Point ``linkpath`` (``last.ckpt``) at ``filepath``: a new link under a temporary name
+        renamed over the old one, so that a kill at any moment leaves a loadable ``last.ckpt``."""
+        target, link = Path(filepath), Path(linkpath)
+        if trainer.is_global_zero and target.resolve() != link.absolute().resolve(strict=False):
+            temporary = link.with_name(f".{link.name}.{os.getpid()}.link.tmp")
+            temporary.unlink(missing_ok=True)
+            try:
+                os.symlink(os.path.relpath(target, link.parent), temporary)
+            except OSError:  # no symbolic links (Windows without the privilege): a hard link
+                try:
+                    os.link(target, temporary)
+                except OSError:  # nor hard links: a copy
+                    shutil.copyfile(target, temporary)
+            os.replace(temporary, link)
+        trainer.strategy.barrier()
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int

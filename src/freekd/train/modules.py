@@ -10,6 +10,11 @@ validation set and over processes.
 Under DDP the whole module is wrapped, but the frozen parts (the teacher, and in stage 2 the
 prompts) are listed in ``_ddp_params_and_buffers_to_ignore``: DDP neither broadcasts nor
 all-reduces them, they hold no gradients, and ``find_unused_parameters`` is not needed for them.
+
+Checkpoints of prompt tuning and distillation leave the frozen teacher out (its weights come
+from where the caller loaded them, e.g. its file): they record its :func:`state_sha256`
+instead, and resuming with another teacher is refused with one clear error
+(:meth:`_Job.check_frozen_state`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from ..checkpoints import export_student
+from ..checkpoints import export_student, state_sha256
 from ..distill import Distiller, NonFiniteError, nonfinite_message
 from ..frozen import TaskLoss, loss_terms
 from ..losses.freekd import FreeKDLoss
@@ -71,6 +76,8 @@ class _Job(pl.LightningModule):
     """
 
     job_name = "job"
+    frozen_name = "teacher"
+    """What the frozen part left out of checkpoints is called in messages."""
 
     def __init__(
         self, optim: OptimConfig, schedule: ScheduleConfig, val_step: ValStep | None
@@ -82,9 +89,55 @@ class _Job(pl.LightningModule):
                 f"{type(optim).__name__} and {type(schedule).__name__}"
             )
         self.optim_config, self.schedule_config, self.val_step = optim, schedule, val_step
+        self.frozen_source: str | None = None
+        """Where the frozen teacher was loaded from (a file), named in the resume error."""
+        self._frozen_sha256: str | None = None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ frozen teacher
+
+    def frozen_module(self) -> tuple[str, nn.Module] | None:
+        """``(attribute path, module)`` of the frozen part that checkpoints leave out (the
+        teacher of stages 1 and 2), ``None`` when everything is stored (teacher training)."""
+        return None
+
+    def frozen_state_keys(self) -> list[str]:
+        """The entries of ``state_dict()`` that checkpoints leave out."""
+        frozen = self.frozen_module()
+        if frozen is None:
+            return []
+        prefix = f"{frozen[0]}."
+        return [key for key in self.state_dict() if key.startswith(prefix)]
+
+    def frozen_sha256(self) -> str | None:
+        """:func:`~freekd.checkpoints.state_sha256` of the frozen teacher (computed once: it
+        does not change during a run)."""
+        frozen = self.frozen_module()
+        if frozen is None:
+            return None
+        if self._frozen_sha256 is None:
+            self._frozen_sha256 = state_sha256(frozen[1])
+        return self._frozen_sha256
+
+    def check_frozen_state(self, checkpoint: Mapping[str, Any], path: str | Path) -> None:
+        """Refuse to resume from ``checkpoint`` (read from ``path``) with another teacher than
+        the one it was trained with (its recorded fingerprint); ``ValueError`` naming both."""
+        recorded = checkpoint.get("freekd")
+        saved = recorded.get("frozen_sha256") if isinstance(recorded, Mapping) else None
+        current = self.frozen_sha256()
+        if saved is None or current is None or saved == current:
+            return
+        source = recorded.get("frozen_source")
+        was = f" (loaded from {source})" if source else ""
+        now = f", loaded from {self.frozen_source}" if self.frozen_source else ""
+        raise ValueError(
+            f"cannot resume from {str(path)!r}: the {self.frozen_name} differs from the one the "
+            f"run was trained with (weights sha256 {saved[:12]}...{was}; now {current[:12]}..."
+            f"{now}); checkpoints leave the frozen {self.frozen_name} out, so resume with the "
+            f"same {self.frozen_name} file, or start afresh with force=True"
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["freekd"] = {
@@ -92,6 +145,24 @@ class _Job(pl.LightningModule):
             "optimizer": dataclasses.asdict(self.optim_config),
             "schedule": dataclasses.asdict(self.schedule_config),
         }
+        frozen = self.frozen_state_keys()
+        if frozen:
+            state = checkpoint["state_dict"]
+            for key in frozen:
+                state.pop(key, None)
+            checkpoint["freekd"]["frozen"] = self.frozen_module()[0]  # type: ignore[index]
+            checkpoint["freekd"]["frozen_sha256"] = self.frozen_sha256()
+            checkpoint["freekd"]["frozen_source"] = self.frozen_source
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the teacher against the checkpoint's record and put its current weights into
+        the state dict Lightning loads (strictly)."""
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        self.check_frozen_state(checkpoint, path or "the checkpoint")
+        state = checkpoint["state_dict"]
+        own = self.state_dict()
+        for key in self.frozen_state_keys():
+            state.setdefault(key, own[key])
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.trainable_parameters(), self.optim_config)
@@ -236,6 +307,9 @@ class PromptTuningModule(_Job):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.tuner.trainable_parameters()
 
+    def frozen_module(self) -> tuple[str, nn.Module]:
+        return "tuner.teacher", self.tuner.teacher
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         terms = self.tuner(batch)
         total = terms.pop("loss")
@@ -322,6 +396,9 @@ class DistillModule(_Job):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.distiller.trainable_parameters()
 
+    def frozen_module(self) -> tuple[str, nn.Module]:
+        return "distiller.teacher", self.distiller.teacher
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         policy = self.distiller.nonfinite
         saved = {}
@@ -389,6 +466,7 @@ class DistillModule(_Job):
         checkpoint["freekd_nonfinite_skipped"] = self.nonfinite_skipped
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.nonfinite_skipped = int(checkpoint.get("freekd_nonfinite_skipped", 0))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

@@ -290,8 +290,9 @@ def check_resume_checkpoint(path: str | os.PathLike, module: pl.LightningModule)
     """Refuse to resume ``module`` from ``path`` when the result would not be the run it
     continues, before anything is loaded: an unreadable (truncated, damaged, foreign) file,
     a checkpoint of another job (its ``freekd.job``, or its keys), of another model (other
-    entries or shapes), or saved with another optimizer or learning-rate schedule (the rate
-    would jump at the resumed step). Raises ``ValueError`` naming the file and the fix."""
+    entries or shapes), trained with another frozen teacher (the fingerprint it records), or
+    saved with another optimizer or learning-rate schedule (the rate would jump at the resumed
+    step). Raises ``ValueError`` naming the file and the fix."""
     path = Path(path)
     checkpoint = read_torch_file(
         path,
@@ -311,8 +312,10 @@ def check_resume_checkpoint(path: str | os.PathLike, module: pl.LightningModule)
             f"one: resume from a checkpoint of the {expected_job} run, or start it without "
             f"resuming"
         )
-    saved = checkpoint["state_dict"]
-    state = module.state_dict()
+    # The frozen teacher is not stored (older checkpoints hold it: it is ignored then).
+    frozen = set(module.frozen_state_keys()) if hasattr(module, "frozen_state_keys") else set()
+    saved = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+    state = {k: v for k, v in module.state_dict().items() if k not in frozen}
     differ = sorted(set(saved) ^ set(state))
     differ += [
         f"{k} {tuple(saved[k].shape)} -> {tuple(v.shape)}"
@@ -326,6 +329,8 @@ def check_resume_checkpoint(path: str | os.PathLike, module: pl.LightningModule)
             f"({len(differ)} entries differ: {shown}): resume with the settings the run was "
             f"started with (its config.yaml), or start afresh with force=True"
         )
+    if hasattr(module, "check_frozen_state"):
+        module.check_frozen_state(checkpoint, path)
     recorded = checkpoint.get("freekd")
     optim = getattr(module, "optim_config", None)
     schedule = getattr(module, "schedule_config", None)
