@@ -106,6 +106,47 @@ def test_export_from_the_distillation_checkpoint(demo_run, tmp_path):
     assert all((model.state_dict()[k] == v).all() for k, v in exported.items())
 
 
+def test_export_reuses_the_student_file_that_distill_wrote(demo_run):
+    folder = demo_run / "student_freekd"
+    before = (folder / "student.safetensors").stat().st_mtime_ns
+    result = invoke("export", "-c", demo_run / "config.yaml")
+    assert result.exit_code == 0, result.output
+    assert f"student weights: {folder / 'student.safetensors'} " in result.output
+    assert not (folder / "exported").exists()  # nothing written again
+    assert (folder / "student.safetensors").stat().st_mtime_ns == before
+
+
+def test_checkpoints_hold_no_frozen_teacher_and_last_is_a_link(demo_run):
+    for folder, prefix in (("prompts", "tuner.teacher."), ("student_freekd", "distiller.teacher.")):
+        checkpoints = demo_run / folder / "checkpoints"
+        last = checkpoints / "last.ckpt"
+        assert last.is_symlink() and last.resolve().parent == checkpoints.resolve()
+        saved = torch.load(last, weights_only=True)
+        keys = list(saved["state_dict"])
+        assert keys and not [k for k in keys if k.startswith(prefix)], folder
+        assert len(saved["freekd"]["frozen_sha256"]) == 64
+        assert saved["freekd"]["frozen_source"].endswith("teacher.safetensors")
+
+
+def test_resume_with_a_changed_teacher_file_is_refused_in_one_line(demo_run, tmp_path):
+    import shutil
+
+    from freekd.checkpoints import read_safetensors_file
+
+    copy = tmp_path / "run"
+    shutil.copytree(demo_run, copy, symlinks=True)
+    teacher_file = copy / "teacher" / "teacher.safetensors"
+    tensors, metadata = read_safetensors_file(teacher_file)
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name] = tensors[name] + 1e-3  # another teacher under the same name
+    safetensors.torch.save_file(tensors, str(teacher_file), metadata)
+    result = invoke("distill", "-c", copy / "config.yaml", "-o", copy, "--resume")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the teacher differs from the one the run was trained" in lines[0]
+    assert str(teacher_file) in lines[0] and "--force" in lines[0]
+
+
 def test_evaluate_and_visualize(demo_run, tmp_path):
     config = demo_run / "config.yaml"
     output = tmp_path / "baseline.json"

@@ -168,7 +168,8 @@ def _train_and_export(
         force,
         _segmentation_val(config),
     )
-    outputs = {"weights": export_student(job.model, job.weights_path, job.metadata)} if done else {}
+    metadata = {**job.metadata, "step": result.global_step}  # export reuses it at that step
+    outputs = {"weights": export_student(job.model, job.weights_path, metadata)} if done else {}
     elapsed = time.perf_counter() - job.start
     return JobResult(job.role, job.directory, outputs, result.metrics, elapsed, done)
 
@@ -322,6 +323,7 @@ def tune_prompts(config: RunConfig, resume: str | None = None, force: bool = Fal
     module = PromptTuningModule(
         tuner, job.optimizer, job.schedule, prompts_path=directory / "prompts.safetensors"
     )
+    module.frozen_source = str(teacher_weights(config))  # named if a resume finds it changed
     loader = train_loader(config, train_set, job.batch_size)
     result, done = _fit(config, module, loader, directory, job.steps, resume, force)
     outputs = {"prompts": directory / "prompts.safetensors"} if done else {}
@@ -426,6 +428,7 @@ def distill(config: RunConfig, resume: str | None = None, force: bool = False) -
     module = DistillModule(
         distiller, job.optimizer, job.schedule, student_path=directory / "student.safetensors"
     )
+    module.frozen_source = str(teacher_weights(config))  # named if a resume finds it changed
     # DistillModule exported already; export again with the architecture in the metadata.
     result = _train_and_export(
         config,
@@ -631,7 +634,9 @@ def export(
     """Student-only safetensors from a distillation (or baseline) run's Lightning checkpoint
     (default ``student_freekd/checkpoints/last.ckpt``), checked by loading it with
     ``strict=True`` into a freshly built student. Default output:
-    ``<job folder>/exported/<checkpoint name>.safetensors``."""
+    ``<job folder>/exported/<checkpoint name>.safetensors``; without ``output``, when the job
+    already wrote ``<job folder>/student.safetensors`` at the checkpoint's step (a completed
+    run), that file is checked and returned instead of written again."""
     import safetensors.torch
 
     if role not in ("student", "baseline"):
@@ -644,6 +649,11 @@ def export(
             f"--checkpoint"
         )
     num_classes = num_classes_of(build_data(config, "val"))
+    written = _written_student(directory, path) if output is None else None
+    if written is not None:
+        fresh = build_spec(config, config.student, num_classes).model
+        fresh.load_state_dict(safetensors.torch.load_file(str(written)), strict=True)
+        return written
     spec = build_spec(config, config.student, num_classes)
     load_model_weights(spec.model, path, role)
     target = (
@@ -653,6 +663,26 @@ def export(
     fresh = build_spec(config, config.student, num_classes).model
     fresh.load_state_dict(safetensors.torch.load_file(str(target)), strict=True)
     return target
+
+
+def _written_student(directory: Path, checkpoint: Path) -> Path | None:
+    """``directory/student.safetensors`` when the job wrote it at the step of ``checkpoint`` (a
+    checkpoint of the same job folder), else ``None``."""
+    from safetensors import safe_open
+
+    from ..checkpoints import read_torch_file
+
+    student = directory / "student.safetensors"
+    own = (directory / "checkpoints").resolve()
+    if not student.is_file() or checkpoint.resolve().parent != own:
+        return None
+    try:
+        with safe_open(str(student), framework="pt") as handle:
+            step = json.loads((handle.metadata() or {}).get("step", "null"))
+        saved = read_torch_file(checkpoint).get("global_step")
+    except Exception:  # an unreadable file: export writes a new one from the checkpoint
+        return None
+    return student if step is not None and step == saved else None
 
 
 def visualize(
