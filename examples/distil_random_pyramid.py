@@ -10,9 +10,9 @@ What this shows, in a few seconds on a CPU:
   L1 between the two pyramids, and Adam training the student and projections on it alone;
 * the per-layer terms (``loss.last_terms``) before and after training.
 
-The teacher here has random weights and the frequency prompts are not tuned (prompt tuning, stage 1
-of FreeKD, is not in the library yet), so the numbers say nothing about accuracy: the script only
-shows the API and that the loss goes down. Run it with ``make demo`` or
+The teacher here has random weights and the frequency prompts are not tuned (stage 1 of FreeKD,
+:class:`freekd.PromptTuner`, is in ``examples/own_models.py``), so the numbers say nothing about
+accuracy: the script only shows the API and that the loss goes down. Run it with
 ``.venv/bin/python examples/distil_random_pyramid.py``.
 """
 

@@ -32,6 +32,7 @@ PIPELINE = (
     "typer",
     "yaml",
     "pywt",
+    "matplotlib",
 )
 """Top-level modules of the ``pipeline`` and ``dev`` extras that the core must not need
 (numpy and Pillow come with torchvision, a core dependency)."""

@@ -3,13 +3,17 @@
 teacher, tune prompts, distill, evaluate, export, visualize) and the demo
 (:mod:`freekd.pipeline.demo`).
 
-    from freekd.pipeline import load_config, train_teacher, tune_prompts, distill
-    config = load_config("configs/digits_demo_segmentation.yaml", ["student.train.steps=50"])
+    from freekd.pipeline import distill, load_config, recipe_path, train_teacher, tune_prompts
+    config = load_config(recipe_path("digits_demo_segmentation"), ["student.train.steps=50"])
     train_teacher(config); tune_prompts(config); distill(config)
+
+``recipe_path(name)`` is the file of a recipe shipped with the package (``recipe_names()`` lists
+them; the repository's ``configs/`` holds the same files).
 
 Needs the pipeline's dependencies (Lightning, torchvision, smp, pycocotools, PyYAML).
 """
 
+from .._recipes import recipe_names, recipe_path
 from ..losses import FeatureMSE
 from .config import RunConfig, dump_config, load_config
 from .jobs import (
@@ -34,6 +38,8 @@ __all__ = [
     "evaluate_model",
     "export",
     "load_config",
+    "recipe_names",
+    "recipe_path",
     "train_baseline",
     "train_teacher",
     "tune_prompts",
