@@ -18,6 +18,7 @@ from freekd.evaluation import (
     evaluate_segmentation,
     segmentation_scores,
 )
+from freekd.evaluation.segmentation import format_class_table
 from freekd.models import build_detector, build_segmenter
 
 # ---------------------------------------------------------------------------------- detection
@@ -199,19 +200,35 @@ def test_hand_computed_miou_and_pixel_accuracy():
     assert scores["mIoU"] == pytest.approx(100 * 5 / 12)
     assert scores["pixel_accuracy"] == pytest.approx(60.0)
     assert scores["mAcc"] == pytest.approx(100 * 7 / 12)
-    assert scores["per_class_IoU"] == pytest.approx([100 / 3, 50.0])
+    assert scores["per_class_IoU"] == pytest.approx({"class_0": 100 / 3, "class_1": 50.0})
 
 
 def test_absent_classes_are_skipped_and_predicted_only_classes_count():
     matrix = ConfusionMatrix(3)  # class 2 appears nowhere: NaN, left out of the mean
     matrix.update(PREDICTION[None], TARGET[None])
     scores = matrix.compute()
-    assert math.isnan(scores["per_class_IoU"][2])
+    assert math.isnan(scores["per_class_IoU"]["class_2"])
     assert scores["mIoU"] == pytest.approx(100 * 5 / 12)
     # A class predicted but absent from the ground truth has IoU 0 and counts.
-    scores = segmentation_scores(torch.tensor([[3, 1], [0, 0]]))
-    assert scores["per_class_IoU"] == pytest.approx([75.0, 0.0])
-    assert scores["mIoU"] == pytest.approx(37.5) and math.isnan(scores["per_class_accuracy"][1])
+    scores = segmentation_scores(torch.tensor([[3, 1], [0, 0]]), ["road", "car"])
+    assert scores["per_class_IoU"] == pytest.approx({"road": 75.0, "car": 0.0})
+    assert scores["mIoU"] == pytest.approx(37.5) and math.isnan(scores["per_class_accuracy"]["car"])
+
+
+def test_per_class_scores_are_named_and_printed_with_a_header():
+    matrix = ConfusionMatrix(3, class_names=["background", "cat", "dog"])
+    matrix.update(PREDICTION, TARGET)
+    scores = matrix.compute()
+    assert list(scores["per_class_IoU"]) == ["background", "cat", "dog"]
+    assert scores["per_class_IoU"]["cat"] == pytest.approx(50.0)
+    table = format_class_table(scores).splitlines()
+    assert table[0].split() == ["class", "IoU", "accuracy"]
+    assert table[1].split() == ["background", "33.33", "50.00"]
+    assert table[3].split() == ["dog", "n/a", "n/a"]  # absent everywhere: undefined
+    with pytest.raises(ValueError, match="holds 2 names for 3 classes"):
+        ConfusionMatrix(3, class_names=["a", "b"])
+    with pytest.raises(ValueError, match="repeats"):
+        ConfusionMatrix(2, class_names=["a", "a"])
 
 
 def test_accumulation_over_batches_equals_one_pass_and_bad_ids_are_refused():

@@ -18,7 +18,6 @@ import dataclasses
 import logging
 import os
 import re
-import sys
 import warnings
 from collections.abc import Callable
 from enum import Enum
@@ -310,11 +309,11 @@ def _run(job: Callable[[], Any]) -> Any:
 
 def _quiet_libraries() -> None:
     """Keep the output readable: freekd's messages, Lightning's warnings only."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("freekd: %(message)s"))
+    from .train.progress import ConsoleHandler  # information on stdout, warnings on stderr
+
     freekd_logger = logging.getLogger("freekd")
     if not freekd_logger.handlers and not logging.getLogger().handlers:
-        freekd_logger.addHandler(handler)
+        freekd_logger.addHandler(ConsoleHandler())
     from .train.runner import is_rank_zero
 
     # The other processes of a multi-process run repeat what rank 0 says: warnings only.
@@ -366,11 +365,9 @@ def _root(
 
 
 def _report(result: Any) -> None:
-    for name, path in result.outputs.items():
-        _echo(f"{name}: {path}")
-    if not result.completed:
-        _echo(f"stopped before the last step; continue with --resume ({result.directory})")
-    _echo(f"{result.name} finished in {result.seconds / 60:.1f} min: {result.directory}")
+    from .pipeline.jobs import job_summary
+
+    _echo(job_summary(result))
 
 
 def _run_training_job(
@@ -566,15 +563,10 @@ def evaluate_command(
             f"({result['parameters'] / 1e6:.1f} M parameters) on {result['images']} images: "
             f"{result['metric']} = {result['value']:.2f}"
         )
-        robustness = result.get("robustness")
-        if robustness is not None:
-            for name, row in robustness["per_corruption"].items():
-                by_level = " ".join(f"{row[str(s)]:6.2f}" for s in robustness["severities"])
-                typer.echo(f"  {name:18s} {by_level}  mean {row['mean']:6.2f}")
-            typer.echo(
-                f"robustness: clean {robustness['clean']:.2f}, mPC {robustness['mPC']:.2f}, "
-                f"rPC {robustness['rPC']:.1f}% (severities {levels})"
-            )
+        from .pipeline.jobs import score_tables
+
+        for table in score_tables(result):  # per class, per corruption: with headers
+            typer.echo(table)
         typer.echo(f"metrics: {result['output']}")
 
     _run(job)

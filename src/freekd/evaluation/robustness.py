@@ -13,7 +13,8 @@ The corruptions are applied to images in ``[0, 1]``, before normalization, as th
 when the loader yields normalized images (the segmentation pipeline's default), pass its
 ``normalization=(mean, std)``; the images are un-normalized, corrupted and normalized again.
 Corrupted images depend only on the seed and their position in the loader (not on the batch
-size), so two runs with the same seed score the same images.
+size), so two runs with the same seed score the same images. :func:`format_robustness_table`
+prints the result as a table with a header and the summary line.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 
 from .corruptions import SEVERITIES, corrupt, resolve_corruptions
 
-__all__ = ["PRIMARY_METRICS", "evaluate_robustness"]
+__all__ = ["PRIMARY_METRICS", "evaluate_robustness", "format_robustness_table"]
 
 logger = logging.getLogger("freekd")
 
@@ -166,14 +167,14 @@ def evaluate_robustness(
         raise ValueError(f"metric {metric!r} is not among the scores {sorted(clean_scores)}")
     clean = float(clean_scores[metric])
     per_corruption: dict[str, dict[str, float]] = {}
-    for name in names:
+    for number, name in enumerate(names, start=1):
         row: dict[str, float] = {}
         for severity in severities:
             batches = _corrupted_batches(task, data_loader, name, severity, seed, normalizer)
             row[str(severity)] = float(evaluate(task, model, batches, **kwargs)[metric])
         row["mean"] = _mean(row[str(s)] for s in severities)
         per_corruption[name] = row
-        logger.info("%s: %s = %.2f (mean of severities %s)", name, metric, row["mean"], severities)
+        logger.info("scored %s (corruption %d of %d)", name, number, len(names))
     mpc = _mean(row["mean"] for row in per_corruption.values())
     rpc = 100.0 * mpc / clean if clean and not math.isnan(clean) else math.nan
     return {
@@ -188,3 +189,35 @@ def evaluate_robustness(
         "clean_scores": clean_scores,
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def format_robustness_table(robustness: dict[str, Any]) -> str:
+    """The result of :func:`evaluate_robustness` as a table with a header (one row per
+    corruption, one column per severity and their mean) and the summary line::
+
+        mIoU by severity      1      5   mean
+        contrast          20.03   8.10  14.07
+        fog               12.52   8.28  10.40
+        clean 35.01, mPC 12.23 (mean over corruptions and severities), rPC 34.9% (mPC / clean)
+    """
+    metric, severities = robustness["metric"], robustness["severities"]
+    rows = robustness["per_corruption"]
+    title = f"{metric} by severity"
+    width = max(len(title), *(len(name) for name in rows))
+    columns = [str(s) for s in severities] + ["mean"]
+
+    def cell(value: float) -> str:
+        return "n/a" if math.isnan(value) else f"{value:.2f}"
+
+    lines = [f"{title:{width}s}" + "".join(f"  {c:>6s}" for c in columns)]
+    lines += [
+        f"{name:{width}s}" + "".join(f"  {cell(row[c]):>6s}" for c in columns)
+        for name, row in rows.items()
+    ]
+    rpc = robustness["rPC"]
+    lines.append(
+        f"clean {cell(robustness['clean'])}, mPC {cell(robustness['mPC'])} (mean over "
+        f"corruptions and severities), rPC {'n/a' if math.isnan(rpc) else f'{rpc:.1f}%'} "
+        f"(mPC / clean)"
+    )
+    return "\n".join(lines)

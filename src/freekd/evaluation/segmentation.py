@@ -6,13 +6,15 @@ of class ``c`` is ``TP / (TP + FP + FN)``; a class with an empty union (absent f
 ground truth and the predictions of the whole set) has IoU ``NaN`` and is skipped by the mean, so
 mIoU averages the classes present in the ground truth or the predictions. Pixel accuracy is
 ``sum TP / valid pixels``; class accuracy ``TP / (TP + FN)`` (``NaN`` for classes absent from the
-ground truth). All scores are in **percent** (``mIoU = 72.5``), as papers print them.
+ground truth). All scores are in **percent** (``mIoU = 72.5``), as papers print them. Per-class
+scores are keyed by the class names (the data set's ``class_names``, else ``class_0``, ...);
+:func:`format_class_table` prints them with a header.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +23,30 @@ from torch import Tensor, nn
 from ..models._common import eval_mode, model_device
 from ..models.segmentation import IGNORE_INDEX, segmentation_predict, split_segmentation_batch
 
-__all__ = ["ConfusionMatrix", "evaluate_segmentation", "segmentation_scores"]
+__all__ = [
+    "ConfusionMatrix",
+    "class_names_or_default",
+    "evaluate_segmentation",
+    "format_class_table",
+    "segmentation_scores",
+]
+
+
+def class_names_or_default(num_classes: int, class_names: Sequence[str] | None) -> list[str]:
+    """``class_names`` as a list (checked to hold ``num_classes`` names), or ``class_0``, ...
+    when ``None``."""
+    if class_names is None:
+        return [f"class_{index}" for index in range(num_classes)]
+    names = [str(name) for name in class_names]
+    if len(names) != num_classes:
+        raise ValueError(
+            f"class_names holds {len(names)} names for {num_classes} classes: give one name per "
+            f"class, in class-id order, or none"
+        )
+    if len(set(names)) != len(names):
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"class_names repeats {twice}: give every class its own name")
+    return names
 
 
 class ConfusionMatrix:
@@ -30,17 +55,24 @@ class ConfusionMatrix:
     Args:
         num_classes: ``K``.
         ignore_index: ground-truth value to leave out (255).
+        class_names: ``K`` names that key the per-class scores (default ``class_0``, ...).
 
     :meth:`update` takes class ids ``[N, H, W]`` (or ``[H, W]``) of predictions and ground truth;
     the matrix lives on their device. :meth:`compute` all-reduces over ``torch.distributed``
     processes when initialized, then returns :func:`segmentation_scores`.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_index: int = IGNORE_INDEX,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.class_names = class_names_or_default(num_classes, class_names)
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
     def reset(self) -> None:
@@ -73,15 +105,19 @@ class ConfusionMatrix:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             matrix = matrix.clone()
             torch.distributed.all_reduce(matrix)
-        return segmentation_scores(matrix)
+        return segmentation_scores(matrix, self.class_names)
 
 
-def segmentation_scores(confusion: Tensor) -> dict[str, Any]:
+def segmentation_scores(
+    confusion: Tensor, class_names: Sequence[str] | None = None
+) -> dict[str, Any]:
     """Scores of a ``[K, K]`` confusion matrix (rows ground truth, columns prediction).
 
     Returns ``{"mIoU", "mAcc", "pixel_accuracy"}`` (floats, percent) and ``"per_class_IoU"``,
-    ``"per_class_accuracy"`` (lists of ``K`` floats, percent, ``NaN`` where undefined).
+    ``"per_class_accuracy"`` (``{class name: float}`` in class-id order, percent, ``NaN`` where
+    undefined; names from ``class_names``, default ``class_0``, ...).
     """
+    names = class_names_or_default(int(confusion.shape[0]), class_names)
     confusion = confusion.detach().double().cpu()
     true_positive = confusion.diagonal()
     truth = confusion.sum(dim=1)
@@ -94,9 +130,31 @@ def segmentation_scores(confusion: Tensor) -> dict[str, Any]:
         "mIoU": 100.0 * float(iou.nanmean()),
         "mAcc": 100.0 * float(accuracy.nanmean()),
         "pixel_accuracy": 100.0 * float(true_positive.sum() / total) if total > 0 else math.nan,
-        "per_class_IoU": (100.0 * iou).tolist(),
-        "per_class_accuracy": (100.0 * accuracy).tolist(),
+        "per_class_IoU": dict(zip(names, (100.0 * iou).tolist(), strict=True)),
+        "per_class_accuracy": dict(zip(names, (100.0 * accuracy).tolist(), strict=True)),
     }
+
+
+def format_class_table(scores: dict[str, Any]) -> str:
+    """The per-class scores of :func:`segmentation_scores` as a table with a header::
+
+        class        IoU  accuracy
+        background  95.10     97.32
+        ...
+    ``n/a`` where a score is undefined (a class absent from the ground truth and the
+    predictions)."""
+    iou, accuracy = scores["per_class_IoU"], scores["per_class_accuracy"]
+    width = max(len("class"), *(len(name) for name in iou))
+
+    def cell(value: float) -> str:
+        return "n/a" if math.isnan(value) else f"{value:.2f}"
+
+    lines = [f"{'class':{width}s}  {'IoU':>6s}  {'accuracy':>8s}"]
+    lines += [
+        f"{name:{width}s}  {cell(value):>6s}  {cell(accuracy[name]):>8s}"
+        for name, value in iou.items()
+    ]
+    return "\n".join(lines)
 
 
 def evaluate_segmentation(
@@ -105,8 +163,10 @@ def evaluate_segmentation(
     num_classes: int,
     ignore_index: int = IGNORE_INDEX,
     device: str | torch.device | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """mIoU, mean class accuracy and pixel accuracy (percent) of ``model`` on ``data_loader``.
+    """mIoU, mean class accuracy and pixel accuracy (percent) of ``model`` on ``data_loader``,
+    and the per-class scores keyed by ``class_names`` (default ``class_0``, ...).
 
     ``model(images)`` must return logits ``[N, K, h, w]``; they are resized to the mask size
     before the arg-max (:func:`freekd.models.segmentation.segmentation_predict`). The model is
@@ -116,7 +176,7 @@ def evaluate_segmentation(
 
     Returns :func:`segmentation_scores` of the whole set.
     """
-    matrix = ConfusionMatrix(num_classes, ignore_index)
+    matrix = ConfusionMatrix(num_classes, ignore_index, class_names)
     device = model_device(model) if device is None else torch.device(device)
     model.to(device)
     with eval_mode(model):

@@ -108,7 +108,7 @@ def trainer_config(config: RunConfig, directory: Path, steps: int) -> TrainConfi
     check_devices(config)
     settings = asdict(config.train)
     if settings["progress_bar"] is None:
-        settings["progress_bar"] = sys.stderr.isatty()
+        settings["progress_bar"] = sys.stdout.isatty()  # where the bar and the log lines go
     device = resolve_device(config.device)
     return TrainConfig(
         max_steps=steps,

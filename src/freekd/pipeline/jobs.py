@@ -60,7 +60,9 @@ __all__ = [
     "distill",
     "evaluate_model",
     "export",
+    "job_summary",
     "prompts_file",
+    "score_tables",
     "teacher_weights",
     "train_baseline",
     "train_teacher",
@@ -90,6 +92,10 @@ class JobResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     completed: bool = True
+    step: int = 0
+    """The last completed step."""
+    total_steps: int = 0
+    """The steps the job runs for."""
 
 
 class _WriteConfig(pl.Callback):
@@ -171,7 +177,16 @@ def _train_and_export(
     metadata = {**job.metadata, "step": result.global_step}  # export reuses it at that step
     outputs = {"weights": export_student(job.model, job.weights_path, metadata)} if done else {}
     elapsed = time.perf_counter() - job.start
-    return JobResult(job.role, job.directory, outputs, result.metrics, elapsed, done)
+    return JobResult(
+        job.role,
+        job.directory,
+        outputs,
+        result.metrics,
+        elapsed,
+        done,
+        result.global_step,
+        job.steps,
+    )
 
 
 def _segmentation_val(config: RunConfig) -> Any:
@@ -186,6 +201,82 @@ def _segmentation_val(config: RunConfig) -> Any:
             "checkpoint instead, and set val_every_steps: null"
         )
     return val_loader(config, build_data(config, "val"))
+
+
+_COMMANDS = {
+    "teacher": "train-teacher",
+    "prompts": "tune-prompts",
+    "student": "distill",
+    "baseline": "distill --baseline",
+}
+_FILE_ROLES = {
+    "teacher.safetensors": "the trained teacher (tune-prompts and distill load it)",
+    "prompts.safetensors": "the tuned prompts (distill and visualize load them)",
+    "student.safetensors": "the student alone (evaluate, export; loads with strict=True)",
+    "calibration.json": "the distillation weight that mu: auto chose",
+    "metrics.json": "the scores of the last evaluate",
+    "config.yaml": "the settings of the run",
+}
+
+
+def job_summary(result: JobResult) -> str:
+    """What a finished (or stopped) job did, for people: its steps and time, the last logged
+    objective and terms (and validation or prompt diagnostics when there are any), and the
+    files in its folder with what each one is for. Lines, no trailing newline."""
+    from ..train.progress import format_duration, format_terms
+
+    command = _COMMANDS.get(result.name, result.name)
+    when = format_duration(result.seconds)
+    if result.completed:
+        head = f"{command} finished: {result.step} steps in {when}"
+    else:
+        head = (
+            f"{command} stopped at step {result.step} of {result.total_steps} after {when}; "
+            f"continue with --resume"
+        )
+    lines = [head]
+    terms = format_terms(result.metrics)
+    if terms:
+        lines.append(f"  last step: {terms}")
+    validation = format_terms(result.metrics, "val/")
+    if validation:
+        lines.append(f"  validation: {validation}")
+    clean = result.metrics.get("diagnostics/clean_task")
+    resynthesized = result.metrics.get("diagnostics/resynthesized_task")
+    if clean is not None and resynthesized is not None:
+        lines.append(
+            f"  teacher task loss: {clean:.4g} on its own features, {resynthesized:.4g} on the "
+            f"prompt-masked ones"
+        )
+    if "distill/mu" in result.metrics:
+        lines.append(f"  distillation weight (mu: auto): {result.metrics['distill/mu']:.4g}")
+    lines.append(f"files in {result.directory}:")
+    rows = _job_files(result.directory)
+    width = max(len(name) for name, _ in rows) if rows else 0
+    lines += [f"  {name:{width}s}  {role}" for name, role in rows]
+    return "\n".join(lines)
+
+
+def _job_files(directory: Path) -> list[tuple[str, str]]:
+    """``(path relative to directory, what it is)`` of the files a job leaves in its folder."""
+    rows = [(name, role) for name, role in _FILE_ROLES.items() if (directory / name).is_file()]
+    last = directory / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        target = f" -> {os.readlink(last)}" if last.is_symlink() else ""
+        steps = len(list(last.parent.glob("step=*.ckpt")))
+        rows.append(
+            (
+                f"checkpoints/last.ckpt{target}",
+                f"resume with --resume ({steps} step file{'s' if steps != 1 else ''} kept)",
+            )
+        )
+    logs = sorted(
+        directory.glob("logs/version_*/metrics.csv"),
+        key=lambda path: int(path.parent.name.split("_")[-1]),
+    )
+    if logs:
+        rows.append((str(logs[-1].relative_to(directory)), "the logged terms of every step"))
+    return rows
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -331,7 +422,10 @@ def tune_prompts(config: RunConfig, resume: str | None = None, force: bool = Fal
     if done and result.trainer.is_global_zero:
         batch_size = job.batch_size or config.data.batch_size
         metrics.update(_report_tuning(config, tuner, train_set, batch_size))
-    return JobResult("prompts", directory, outputs, metrics, time.perf_counter() - start, done)
+    seconds = time.perf_counter() - start
+    return JobResult(
+        "prompts", directory, outputs, metrics, seconds, done, result.global_step, job.steps
+    )
 
 
 _DIAGNOSTIC_BATCHES = 2
@@ -583,6 +677,9 @@ def evaluate_model(
     kwargs: dict[str, Any] = {"device": device}
     if config.task == "segmentation":
         kwargs["num_classes"] = num_classes
+        class_names = getattr(getattr(val_set, "dataset", val_set), "class_names", None)
+        if class_names is not None and len(class_names) == num_classes:  # scores by name
+            kwargs["class_names"] = list(class_names)
     else:
         base = getattr(val_set, "dataset", val_set)
         mapping = getattr(base, "label_to_category_id", None)
@@ -620,6 +717,21 @@ def evaluate_model(
     write_json(result, target)
     result["output"] = str(target)
     return result
+
+
+def score_tables(result: dict[str, Any]) -> list[str]:
+    """The tables of an :func:`evaluate_model` result for people, each with its header: the
+    per-class scores (segmentation) and the robustness table (``--corruptions``)."""
+    from ..evaluation.robustness import format_robustness_table
+    from ..evaluation.segmentation import format_class_table
+
+    tables = []
+    scores = result.get("scores", {})
+    if isinstance(scores.get("per_class_IoU"), dict):
+        tables.append(format_class_table(scores))
+    if result.get("robustness") is not None:
+        tables.append(format_robustness_table(result["robustness"]))
+    return tables
 
 
 # ---------------------------------------------------------------------------- export, masks

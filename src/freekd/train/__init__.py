@@ -27,6 +27,7 @@ from .data import (
     make_val_loader,
 )
 from .modules import DistillModule, PromptTuningModule, TeacherModule
+from .progress import StepLog, StepProgressBar
 from .runner import FitResult, build_trainer, fit, resolve_resume
 from .schedules import build_optimizer, build_scheduler, lr_factor
 
@@ -43,6 +44,8 @@ __all__ = [
     "ScheduleConfig",
     "ShardSampler",
     "StepCheckpoint",
+    "StepLog",
+    "StepProgressBar",
     "TeacherModule",
     "TrainConfig",
     "build_optimizer",

@@ -174,8 +174,10 @@ class TrainConfig:
             or ``"warn"`` (default: warn about non-deterministic ops instead of failing).
         logger: ``"csv"`` (default) or ``"tensorboard"`` (needs the ``tensorboard`` package);
             ``None``: no logger.
-        log_every_steps: logging interval of the training terms.
-        progress_bar: show Lightning's progress bar.
+        log_every_steps: logging interval of the training terms (the logger's rows, and
+            the log lines printed without a progress bar).
+        progress_bar: show a progress bar counted in steps (``False``: a log line every
+            ``log_every_steps`` steps through the ``freekd`` logger instead, for log files).
         model_summary: print the model summary at the start.
         sanity_val_steps: validation batches run before training (Lightning's sanity check).
     """

@@ -336,7 +336,7 @@ class PromptTuningModule(_Job):
         path = self.prompts_path or self._run_file("prompts.safetensors")
         if self.trainer.is_global_zero:
             self.save_prompts(path)
-            logger.info("tuned prompts written to %s", path)
+            logger.debug("tuned prompts written to %s", path)
         self.prompts_path = path
 
 
@@ -486,5 +486,5 @@ class DistillModule(_Job):
         path = self.student_path or self._run_file("student.safetensors")
         if self.trainer.is_global_zero:
             self.export_student(path)
-            logger.info("student weights written to %s", path)
+            logger.debug("student weights written to %s", path)
         self.student_path = path

@@ -5,6 +5,7 @@ Run folder (``config.run_dir``)::
 
     checkpoints/step=000500.ckpt, ..., last.ckpt   every checkpoint_every_steps, and at the end
     checkpoints/interrupted.ckpt                     after an exception (best effort)
+    (last.ckpt is a link to the newest step file; the frozen teacher is never stored)
     logs/version_0/metrics.csv                       per-step terms; version_1, ... after resumes
     prompts.safetensors / student.safetensors        what a completed run produced
 
@@ -36,6 +37,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader
 
@@ -43,6 +45,7 @@ from ..checkpoints import checkpoint_job, read_torch_file
 from .callbacks import AtomicCheckpointIO, RNGState, StepCheckpoint
 from .config import TrainConfig
 from .data import ResumableDataLoader, ShardSampler
+from .progress import StepLog, StepProgressBar
 
 __all__ = [
     "DeviceWords",
@@ -409,6 +412,10 @@ def build_trainer(
         all_callbacks.append(LearningRateMonitor(logging_interval="step"))
     all_callbacks.extend(callbacks)
     all_callbacks.extend(_as_list(extra.pop("callbacks", None)))
+    if not any(isinstance(c, ProgressBar) for c in all_callbacks):
+        # A bar counted in steps on a terminal; otherwise a log line every log_every_steps.
+        shown = StepProgressBar() if config.progress_bar else StepLog(config.log_every_steps)
+        all_callbacks.append(shown)
     validation = (
         {"val_check_interval": config.val_every_steps, "check_val_every_n_epoch": None}
         if config.val_every_steps is not None
