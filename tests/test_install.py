@@ -265,7 +265,7 @@ def test_pip_install_of_the_core_alone_in_a_fresh_venv(tmp_path, full_environmen
 
     pip("install", "-q", *pins, "safetensors")
     pip("install", "-q", str(ROOT))  # with its dependencies: nothing more than the core's
-    installed = {line.split("==")[0].lower() for line in pip("freeze").splitlines()}
+    installed = {re.split(r"==| @ ", line)[0].lower() for line in pip("freeze").splitlines()}
     assert "freekd" in installed
     for name in ("lightning", "timm", "segmentation-models-pytorch", "pycocotools", "typer"):
         assert name not in installed, f"pip install freekd installed {name}"
