@@ -157,7 +157,16 @@ def test_evaluate_and_visualize(demo_run, tmp_path):
     picture = tmp_path / "masks.png"
     result = invoke("visualize", "-c", config, "--index", "1", "--output", picture)
     assert result.exit_code == 0, result.output
-    assert picture.stat().st_size > 0
+    from PIL import Image
+
+    with Image.open(picture) as png:  # the labelled layout: titles, rows, tiles >= 128 px
+        text = dict(png.text)
+    columns, rows = json.loads(text["freekd:columns"]), json.loads(text["freekd:rows"])
+    assert columns[:2] == ["image", "teacher |level 1|"] and columns[-1] == "overlay: level 1"
+    assert "mask: level 1" in columns and "level 1, token 1" in columns
+    assert len(rows) == 3 and rows[0].startswith("decoder.")  # the three distilled levels
+    assert min(int(side) for side in text["freekd:tile"].split("x")) >= 128
+    assert "val image 1" in text["Title"] and text["freekd:colorbar"] == "mask value"
 
 
 @pytest.mark.parametrize("method", ["mgd", "frequency"])

@@ -1,13 +1,16 @@
-"""Mask pictures: layout and colour map."""
+"""Mask pictures: the labelled layout (titles, rows, tile size, color bar) and the color map."""
 
 from __future__ import annotations
 
+import json
+
+import numpy
 import pytest
 import torch
 from PIL import Image
 
 from freekd import FreeKDLoss
-from freekd.viz import colorize, prompt_mask_grid, render_prompt_masks
+from freekd.viz import colorize, prompt_mask_figure, prompt_mask_grid, render_prompt_masks
 from tests.conftest import TinySegmenter
 
 
@@ -31,17 +34,69 @@ def test_grid_has_one_row_per_layer_and_one_column_per_map():
     )
 
 
-def test_render_writes_a_png_of_the_expected_size(tmp_path):
+COLUMNS = [
+    "image",
+    "teacher |level 1|",
+    "mask: low band",
+    "mask: level 1",
+    "mask: level 2",
+    "mask: level 3",
+    "level 1, token 1",
+    "level 1, token 2",
+    "overlay: level 1",
+]
+
+
+def test_render_writes_a_labelled_png_with_tiles_of_at_least_128_px(tmp_path):
     torch.manual_seed(0)
     teacher = TinySegmenter(16)
     loss = FreeKDLoss.preset("paper", [16, 16], include_low=True)
+    image = torch.rand(3, 32, 48)
     path = render_prompt_masks(
-        teacher, ["stage2", "stage3"], loss, torch.rand(3, 32, 32), tmp_path / "masks.png"
+        teacher, ["stage2", "stage3"], loss, image, tmp_path / "masks.png", title="two layers"
     )
-    with Image.open(path) as picture:
-        # 2 layers; input + low + 3 levels + T=2 tokens = 7 columns of 32 px
-        assert picture.size == (7 * 32, 2 * 32)
     assert teacher.training  # mode restored
+    with Image.open(path) as picture:
+        text, size = dict(picture.text), picture.size
+    assert text["Title"] == "two layers" and text["freekd:colorbar"] == "mask value"
+    assert json.loads(text["freekd:columns"]) == COLUMNS
+    # rows: the taps and the grid of their finest band (32x48 -> 16x24 -> level 1 8x12)
+    assert json.loads(text["freekd:rows"]) == [
+        "stage2 level 1 band: 8x12",
+        "stage3 level 1 band: 4x6",
+    ]
+    assert text["freekd:tile"] == "128x192"  # the shorter side upscaled to 128 px
+    # 9 tiles of 192 px with gaps, a label column on the left, a color bar on the right
+    assert size[0] > 9 * 192 + 8 * 6 and size[1] > 2 * 128 + 6
+
+
+def test_figure_structure_titles_drawn_above_every_column():
+    torch.manual_seed(0)
+    low, highs = torch.rand(1, 3, 1, 2, 2), [torch.rand(1, 3, 1, 8, 8), torch.rand(1, 3, 1, 4, 4)]
+    bands = [torch.randn(1, 5, 3, 8, 8)]
+    figure = prompt_mask_figure(torch.rand(3, 16, 16), [(low, highs)], bands, ["fpn.p3"])
+    assert figure.columns == [
+        "image",
+        "teacher |level 1|",
+        "mask: low band",
+        "mask: level 1",
+        "mask: level 2",
+        "level 1, token 1",
+        "level 1, token 2",
+        "level 1, token 3",
+        "overlay: level 1",
+    ]
+    assert figure.rows == ["fpn.p3 level 1 band: 8x8"] and figure.tile == (128, 128)
+    pixels = torch.from_numpy(numpy.asarray(figure.image)).float()
+    assert len(figure.column_boxes) == len(figure.columns)
+    for left, top, right, bottom in figure.column_boxes:  # each title box holds dark text
+        assert right - left == 128 and (pixels[top:bottom, left:right] < 100).any()
+    # Without the teacher's bands and the low band's masks: those columns are left out.
+    bare = prompt_mask_figure(torch.rand(3, 200, 300), [(None, highs)])
+    assert "teacher |level 1|" not in bare.columns and "mask: low band" not in bare.columns
+    assert bare.rows == ["layer 0 level 1 band: 8x8"] and bare.tile == (200, 300)
+    with pytest.raises(ValueError, match="2 row names for 1 layers"):
+        prompt_mask_figure(torch.rand(3, 16, 16), [(low, highs)], row_names=["a", "b"])
 
 
 def test_the_old_spelling_still_imports_with_a_deprecation_warning():

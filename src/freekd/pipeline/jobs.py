@@ -806,8 +806,10 @@ def visualize(
     split: str = "val",
 ) -> Path:
     """The learned frequency masks of the teacher's prompts over image ``index`` of ``split``
-    (PNG; default ``run_dir/masks.png``). Rows: distilled layers; columns: the image, the low
-    band, each level (mean over the prompts), then each prompt's mask of the finest level."""
+    (PNG; default ``run_dir/masks.png``), labelled (:func:`freekd.viz.prompt_mask_figure`).
+    Rows: distilled layers; columns: the image, the teacher's finest band, the mask of the low
+    band and of each level (mean over the prompts), each prompt's mask of the finest level, and
+    the finest level's mask over the image; a color bar for the mask values."""
     from ..viz import render_prompt_masks
 
     check_choice("split", split, SPLITS)
@@ -821,6 +823,10 @@ def visualize(
     loss.load_prompts(Path(prompts) if prompts is not None else prompts_file(config))
     target = Path(output) if output is not None else Path(config.run_dir) / "masks.png"
     inputs = [image] if config.task == "detection" else image[None]
+    title = (
+        f"FreeKD prompt masks of the teacher {config.teacher.arch}/{config.teacher.backbone} on "
+        f"{split} image {index} (T = {loss.prompts[0].tokens.shape[-2]} tokens per band)"
+    )
     return render_prompt_masks(
-        spec.model, _taps(config, spec, "teacher"), loss, image, target, model_input=inputs
+        spec.model, _taps(config, spec, "teacher"), loss, image, target, inputs, title
     )
