@@ -241,6 +241,15 @@ def test_no_recipe_cites_a_file_outside_the_repository():
             assert (ROOT / cited).is_file() or (path.parent / cited).is_file(), (path, cited)
 
 
+def test_the_recipe_module_docstring_examples_run():
+    import doctest
+
+    import freekd._recipes
+
+    result = doctest.testmod(freekd._recipes, optionflags=doctest.ELLIPSIS, verbose=False)
+    assert result.attempted > 0 and result.failed == 0
+
+
 # ---------------------------------------------------------------------------- fresh venv (slow)
 
 
@@ -281,12 +290,3 @@ def test_pip_install_of_the_core_alone_in_a_fresh_venv(tmp_path, full_environmen
     )
     lines = script.stderr.strip().splitlines()
     assert script.returncode == 2 and len(lines) == 1 and PIP_INSTALL_HINT in lines[0]
-
-
-def test_the_recipe_module_docstring_examples_run():
-    import doctest
-
-    import freekd._recipes
-
-    result = doctest.testmod(freekd._recipes, optionflags=doctest.ELLIPSIS, verbose=False)
-    assert result.attempted > 0 and result.failed == 0
