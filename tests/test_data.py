@@ -76,6 +76,34 @@ def test_digits_deterministic_per_seed_and_access_order() -> None:
     assert not torch.equal(forward[0][0], forward[1][0])
 
 
+@pytest.mark.parametrize("task", ["segmentation", "detection"])
+def test_cached_digits_equal_the_rendered_ones_and_survive_in_place_transforms(task) -> None:
+    def scribble(image, target):  # writes into its inputs
+        image.mul_(0)
+        if task == "detection":
+            target["boxes"].add_(1)
+        else:
+            target.fill_(7)
+        return image, target
+
+    plain = DigitScenes(task=task, size=64, length=3, seed=2)
+    cached = DigitScenes(task=task, size=64, length=3, seed=2, cache=True)
+    scribbled = DigitScenes(task=task, size=64, length=3, seed=2, cache=True, transforms=scribble)
+    for _ in range(2):  # the second pass reads the cache
+        for i in range(3):
+            (image, target), (again, cached_target) = plain[i], cached[i]
+            assert torch.equal(image, again)
+            if task == "detection":
+                assert torch.equal(target["boxes"], cached_target["boxes"])
+            else:
+                assert torch.equal(target, cached_target)
+            scribbled[i]
+    # the cache kept the scenes as rendered, not as the transform left them
+    assert torch.equal(scribbled._cache[1][0], plain[1][0])
+    if task == "segmentation":
+        assert torch.equal(scribbled._cache[1][1], plain[1][1])
+
+
 def test_digit_splits_are_disjoint_and_scenes_use_their_split(sklearn_digits) -> None:
     _, targets = sklearn_digits
     train, val = digit_sample_indices("train"), digit_sample_indices("val")

@@ -148,6 +148,9 @@ class DigitScenes(Dataset):
         min_visible: digits with a smaller visible fraction of their pixels are not drawn.
         transforms: optional joint transform ``(image, target_or_mask) -> same`` (see
             :mod:`freekd.data.transforms`); images stay in ``[0, 1]`` unless it normalizes.
+        cache: keep every rendered scene (image and target, before ``transforms``) in memory,
+            so that later epochs skip the rendering (``16 * size^2`` bytes a segmentation scene,
+            per process: each DataLoader worker keeps its own).
 
     ``num_classes`` is 10 for detection (labels 1..10; background 0 is implicit, as in
     torchvision detectors) and 11 for segmentation (class 0 = background); ``class_names``
@@ -173,6 +176,7 @@ class DigitScenes(Dataset):
         max_overlap: float = 0.2,
         min_visible: float = 0.4,
         transforms: Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]] | None = None,
+        cache: bool = False,
     ) -> None:
         check_choice("DigitScenes split", split, SPLITS)
         check_choice("DigitScenes task", task, TASKS)
@@ -224,6 +228,7 @@ class DigitScenes(Dataset):
         self.aspect_jitter = float(aspect_jitter)
         self.max_overlap, self.min_visible = float(max_overlap), float(min_visible)
         self.transforms = transforms
+        self._cache: dict[int, tuple[torch.Tensor, Any]] | None = {} if cache else None
         if task == "detection":
             self.num_classes = 10
             self.class_names: tuple[str, ...] = DIGIT_CLASS_NAMES
@@ -263,6 +268,23 @@ class DigitScenes(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
         index = self._index(index)
+        if self._cache is None:
+            image, target = self._render(index)
+        else:
+            if index not in self._cache:
+                self._cache[index] = self._render(index)
+            image, target = self._cache[index]
+            image = image.clone()  # a transform may write into its input
+            if isinstance(target, dict):
+                target = {k: v.clone() if torch.is_tensor(v) else v for k, v in target.items()}
+            else:
+                target = target.clone()
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def _render(self, index: int) -> tuple[torch.Tensor, Any]:
+        """Scene ``index`` as ``(image, target)`` tensors, before ``transforms``."""
         scene = self.scene(index)
         image = torch.from_numpy(np.ascontiguousarray(scene.image.transpose(2, 0, 1)))
         if self.task == "detection":
@@ -276,8 +298,6 @@ class DigitScenes(Dataset):
             }
         else:
             target = torch.from_numpy(scene.class_mask())
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
         return image, target
 
 
