@@ -1,8 +1,9 @@
 """``freekd``: the command-line tool (train a teacher, tune prompts, distill, evaluate, export,
 visualize, demo).
 
-Every subcommand reads one YAML configuration (``--config``, see ``docs/cli.md`` and
-``configs/``), changed on the command line with ``--set key.sub=value``. The jobs themselves live
+Every subcommand reads one YAML configuration (``--config``, a file or ``recipe:NAME`` for a
+recipe shipped in the package, see ``docs/cli.md`` and ``freekd configs list``), changed on the
+command line with ``--set key.sub=value``. The jobs themselves live
 in :mod:`freekd.pipeline`; this module only parses the command line and reports errors: a
 mistake the user can fix (a bad configuration value, a missing file, a run folder in use) is
 printed as one line ``freekd: error: ...`` with exit status 2, in the command line's words
@@ -41,8 +42,9 @@ app = typer.Typer(
     help=(
         "FreeKD knowledge distillation for detectors and segmenters.\n\n"
         "Typical project: train-teacher (or give teacher.checkpoint), tune-prompts, distill, "
-        "evaluate, export. Each command takes a YAML config (-c, see configs/ and docs/cli.md) "
-        "and --set key.sub=value overrides. Start with: freekd demo --quick"
+        "evaluate, export. Each command takes a YAML config (-c FILE, or -c recipe:NAME for a "
+        "shipped recipe: freekd configs list; docs/cli.md) and --set key.sub=value overrides. "
+        "Start with: freekd demo --quick"
     ),
     no_args_is_help=True,
     add_completion=False,
