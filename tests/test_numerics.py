@@ -136,8 +136,15 @@ class StudentAfterEachStep(pl.Callback):
 
 
 def skip_module(seed: int = 0) -> DistillModule:
+    """The ``"skip"`` job: the teacher of seed 0 (as if loaded from its file: checkpoints leave
+    it out), the student and projections of ``seed``."""
+    distiller = make_distiller("skip")
+    if seed:
+        other = make_distiller("skip", seed)
+        distiller.student.load_state_dict(other.student.state_dict())
+        distiller.projections.load_state_dict(other.projections.state_dict())
     return DistillModule(
-        make_distiller("skip", seed),
+        distiller,
         OptimConfig("adamw", lr=0.01, weight_decay=0.1),
         ScheduleConfig("cosine", total_steps=6, warmup_steps=1),
     )
