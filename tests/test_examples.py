@@ -2,7 +2,9 @@
 
 - A ``python`` block is the body of one script of ``examples/`` (the script is its module
   docstring, then the block, character for character), and every script runs to the end here in
-  a fresh folder, with empty model caches that it must leave empty (nothing downloaded).
+  a fresh folder, with empty model caches that it must leave empty (nothing downloaded); one
+  that imports an extra that ``.[dev]`` does not install (:data:`OPTIONAL_EXTRAS`) is skipped
+  where that extra is missing.
 - A shell block holds only commands this repository has: ``freekd ...`` lines parse with the
   command line's own parser (and name recipes that exist; the jobs themselves run in
   ``tests/test_pipeline_e2e.py``), ``make`` targets exist, ``python benchmarks/x.py --flag``
@@ -73,8 +75,26 @@ def test_every_example_is_shown_or_linked():
         assert example_body(path) in shown or linked, f"examples/{path.name} is in no doc"
 
 
+OPTIONAL_EXTRAS = {"ultralytics": "ultralytics"}
+"""Modules of extras that ``make test`` (``.[dev]``) does not install -> the extra: an example
+importing one is skipped where it is missing (and runs where it is installed)."""
+
+
+def _imported_modules(script: Path) -> set[str]:
+    tree = ast.parse(script.read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda path: path.stem)
 def test_the_example_runs_offline(script, tmp_path):
+    for module in sorted(_imported_modules(script) & set(OPTIONAL_EXTRAS)):
+        pytest.importorskip(module, reason=f"pip install 'freekd[{OPTIONAL_EXTRAS[module]}]'")
     caches = {name: tmp_path / name for name in ("TORCH_HOME", "HF_HOME")}  # model downloads
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update({name: str(path) for name, path in caches.items()}, OMP_NUM_THREADS="1")
