@@ -102,13 +102,13 @@ def copy_recipe(name: str, destination: str | Path | None = None, force: bool = 
         FileExistsError: the file exists and ``force`` is false.
     """
     source = recipe_path(name)
-    target = Path(destination) if destination is not None else Path(source.name)
-    if target.is_dir() or str(destination).endswith(("/", os.sep)):
-        target = target / source.name
-    if target.exists() and not force:
+    copy_path = Path(destination) if destination is not None else Path(source.name)
+    if copy_path.is_dir() or str(destination).endswith(("/", os.sep)):
+        copy_path = copy_path / source.name
+    if copy_path.exists() and not force:
         raise FileExistsError(
-            f"{str(target)!r} already exists; choose another path or pass force=True"
+            f"{str(copy_path)!r} already exists; choose another path or pass force=True"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
-    return target
+    copy_path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, copy_path)
+    return copy_path
