@@ -592,7 +592,8 @@ def export_command(
         Path | None,
         typer.Option(
             "--output",
-            help="Where to write the student (default: "
+            help="Where to write the student (default: the student.safetensors that "
+            "distill wrote at that step, else "
             "<job folder>/exported/<checkpoint name>.safetensors).",
             show_default=False,
         ),

@@ -221,8 +221,8 @@ _FILE_ROLES = {
 
 def job_summary(result: JobResult) -> str:
     """What a finished (or stopped) job did, for people: its steps and time, the last logged
-    objective and terms (and validation or prompt diagnostics when there are any), and the
-    files in its folder with what each one is for. Lines, no trailing newline."""
+    objective and terms (and the validation loss when there is one), and the files in its
+    folder with what each one is for. Lines, no trailing newline."""
     from ..train.progress import format_duration, format_terms
 
     command = _COMMANDS.get(result.name, result.name)
@@ -241,15 +241,6 @@ def job_summary(result: JobResult) -> str:
     validation = format_terms(result.metrics, "val/")
     if validation:
         lines.append(f"  validation: {validation}")
-    clean = result.metrics.get("diagnostics/clean_task")
-    resynthesized = result.metrics.get("diagnostics/resynthesized_task")
-    if clean is not None and resynthesized is not None:
-        lines.append(
-            f"  teacher task loss: {clean:.4g} on its own features, {resynthesized:.4g} on the "
-            f"prompt-masked ones"
-        )
-    if "distill/mu" in result.metrics:
-        lines.append(f"  distillation weight (mu: auto): {result.metrics['distill/mu']:.4g}")
     lines.append(f"files in {result.directory}:")
     rows = _job_files(result.directory)
     width = max(len(name) for name, _ in rows) if rows else 0
