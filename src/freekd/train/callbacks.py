@@ -122,7 +122,7 @@ class StepCheckpoint(ModelCheckpoint):
     """Checkpoints ``dirpath/step=NNNNNN.ckpt`` every ``every_n_train_steps`` steps and at the
     last step; ``dirpath/last.ckpt`` is a relative symbolic link to the newest of them (a hard
     link where the file system has no symbolic links, a copy where it has neither), replaced
-    atomically; keeps the ``keep`` most recent step files (-1: all).
+    atomically (a copy on remote storage); keeps the ``keep`` most recent step files (-1: all).
 
     A first Ctrl-C (SIGINT) asks the run to stop: at the end of the current step every process
     writes the checkpoint (``last.ckpt`` and the step file) and training stops; ``stopped_by``
@@ -136,7 +136,8 @@ class StepCheckpoint(ModelCheckpoint):
             filename="{step:06d}",
             every_n_train_steps=every_n_train_steps,
             save_top_k=-1,
-            save_last="link",
+            # remote storage (s3://...) has no links: a copy there
+            save_last="link" if "://" not in str(dirpath) else True,
             enable_version_counter=False,
         )
         self.keep = keep
