@@ -182,6 +182,49 @@ def test_another_student_size_works_unchanged(teacher, tuned, data, runs):
     assert type(model) is DetectionModel and detect_taps(model) == detect_taps(wrapper.module)
 
 
+def test_the_wrapper_alone_untuned_prompts_and_a_hook_free_copy(caplog):
+    import copy
+
+    from ultralytics.cfg import get_cfg
+
+    from freekd import FreeKDLoss
+
+    teacher = DetectionModel("yolov8s.yaml", nc=10, verbose=False)
+    student = DetectionModel("yolo11n.yaml", nc=10, verbose=False)
+    student.args = get_cfg()
+    loss = FreeKDLoss.preset("recommended", [128, 256, 512], levels=[2, 1, 1])  # never tuned
+    wrapper = FreeKDDetectionModel(student, teacher, loss, {"img": torch.zeros(2, 3, 64, 64)}, 2.0)
+    batch = {
+        "img": torch.rand(2, 3, 64, 64),
+        "cls": torch.tensor([[1.0], [2.0]]),
+        "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.2]]),
+        "batch_idx": torch.tensor([0.0, 1.0]),
+    }
+    wrapper.train()
+    with caplog.at_level("WARNING", logger="freekd"):
+        terms, items = wrapper(batch)
+    assert "never tuned" in caplog.text
+    assert terms.shape == (4,) and list(items)[-1] == DISTILLATION_COLUMN
+    assert float(terms[-1].detach()) == pytest.approx(2 * float(items[DISTILLATION_COLUMN]))  # x N
+    terms.sum().backward()
+    assert all(p.grad is not None for p in wrapper.distillation_parameters())
+    wrapper.distiller.loss_weights["freekd"] = 1.0
+    _, unweighted = wrapper(batch)
+    assert float(items[DISTILLATION_COLUMN]) == pytest.approx(
+        2.0 * float(unweighted[DISTILLATION_COLUMN]), rel=1e-5
+    )
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    with wrapper.taps_detached():
+        copied = copy.deepcopy(student)
+    assert not any(m._forward_hooks for m in copied.modules())
+    assert any(m._forward_hooks for m in student.modules())  # back on the student
+    wrapper.eval()
+    _, items = wrapper(batch)
+    assert float(items[DISTILLATION_COLUMN]) == 0  # eval: the student's loss alone
+    wrapper.remove_hooks()
+    assert not any(m._forward_hooks for m in student.modules())
+
+
 # ---------------------------------------------------------------------------- data, input
 
 
