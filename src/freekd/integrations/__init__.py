@@ -7,3 +7,5 @@ same name (``pip install 'freekd[ultralytics]'``).
 - :mod:`freekd.integrations.ultralytics`: Ultralytics YOLO detectors (stage 1
   ``tune_prompts``, stage 2 ``FreeKDTrainer``).
 """
+
+__all__: list[str] = []
