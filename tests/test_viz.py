@@ -110,3 +110,18 @@ def test_the_old_spelling_still_imports_with_a_deprecation_warning():
     assert normalise_log_weight is relation.normalize_log_weight
     with pytest.raises(AttributeError, match="no attribute 'colorise'"):
         freekd.viz.colorise  # noqa: B018
+
+
+def test_rows_are_named_by_tap_and_by_pyramid_level():
+    from freekd.viz import _row_names
+
+    assert _row_names(["encoder.layer3", "encoder.layer4"], 2) == [
+        "encoder.layer3",
+        "encoder.layer4",
+    ]
+    assert _row_names(["backbone.fpn"], 3) == [
+        "backbone.fpn[0]",
+        "backbone.fpn[1]",
+        "backbone.fpn[2]",
+    ]
+    assert _row_names(["a", "b"], 3) == ["layer 0", "layer 1", "layer 2"]

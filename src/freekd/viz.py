@@ -350,6 +350,16 @@ def prompt_mask_figure(
     )
 
 
+def _row_names(taps: Sequence[str], count: int) -> list[str]:
+    """One name per tapped feature: the taps, or ``tap[i]`` when one tap yields ``count``
+    features (a feature pyramid's dict), else ``layer i``."""
+    if len(taps) == count:
+        return list(taps)
+    if len(taps) == 1:
+        return [f"{taps[0]}[{index}]" for index in range(count)]
+    return [f"layer {index}" for index in range(count)]
+
+
 @torch.no_grad()
 def render_prompt_masks(
     teacher: nn.Module,
@@ -405,7 +415,7 @@ def draw_prompt_masks(
         image,
         layer_masks,
         teacher_bands=[highs[0] for _, highs in bands],
-        row_names=list(taps) if len(taps) == len(features) else None,
+        row_names=_row_names(taps, len(features)),
         title=title or f"FreeKD prompt masks (T = {tokens} tokens per band) of the teacher",
     )
 
