@@ -243,6 +243,21 @@ def test_yolo_labels_round_trip(tmp_path):
         assert torch.allclose(boxes, target["boxes"], atol=1e-3)
 
 
+def test_a_teacher_loads_from_a_file_a_yolo_object_or_a_model(teacher):
+    from_file = load_detection_model(teacher)
+    yolo = YOLO(teacher)
+    from_yolo, from_model = load_detection_model(yolo), load_detection_model(yolo.model)
+    assert type(from_file) is type(from_yolo) is type(from_model) is DetectionModel
+    assert from_yolo is not yolo.model and from_model is not yolo.model  # copies
+    reference = from_file.state_dict()
+    for loaded in (from_yolo, from_model):
+        state = loaded.state_dict()
+        assert state.keys() == reference.keys()
+        assert all(torch.equal(state[k].float(), reference[k].float()) for k in reference)
+    with pytest.raises(ValueError, match="got Sequential: pass a YOLO detection model"):
+        load_detection_model(nn.Sequential(nn.Conv2d(3, 3, 1)))
+
+
 def test_bad_input_fails_in_one_line(tmp_path, tuned, teacher):
     with pytest.raises(ValueError, match="needs a teacher: pass teacher="):
         FreeKDSettings.pop_from({"data": "x.yaml"})

@@ -93,8 +93,8 @@ def load_detection_model(source: ModelSource, role: str = "teacher") -> Detectio
             )
         model, _ = load_checkpoint(path)
     else:
-        inner = getattr(source, "model", None)
-        is_wrapper = not isinstance(source, nn.Module) and isinstance(inner, nn.Module)
+        inner = getattr(source, "model", None)  # a YOLO object holds its DetectionModel there
+        is_wrapper = isinstance(inner, nn.Module) and not isinstance(inner, nn.Sequential)
         model = inner if is_wrapper else source
         if not isinstance(model, nn.Module):
             raise ValueError(
