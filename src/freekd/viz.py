@@ -188,8 +188,8 @@ def _tile_size(height: int, width: int, min_tile: int) -> tuple[int, int]:
     """The tile of an ``height x width`` image: its shorter side scaled to ``min_tile`` when
     smaller, to ``_MAX_TILE`` when larger than that, aspect kept."""
     short = min(height, width)
-    target = min_tile if short < min_tile else min(short, max(_MAX_TILE, min_tile))
-    scale = target / short
+    side = min_tile if short < min_tile else min(short, max(_MAX_TILE, min_tile))
+    scale = side / short
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 

@@ -191,17 +191,17 @@ class StepCheckpoint(ModelCheckpoint):
     def _link_checkpoint(trainer: Trainer, filepath: str, linkpath: str) -> None:
         """Point ``linkpath`` (``last.ckpt``) at ``filepath``: a new link under a temporary name
         renamed over the old one, so that a kill at any moment leaves a loadable ``last.ckpt``."""
-        target, link = Path(filepath), Path(linkpath)
-        if trainer.is_global_zero and target.resolve() != link.absolute().resolve(strict=False):
+        newest, link = Path(filepath), Path(linkpath)
+        if trainer.is_global_zero and newest.resolve() != link.absolute().resolve(strict=False):
             temporary = link.with_name(f".{link.name}.{os.getpid()}.link.tmp")
             temporary.unlink(missing_ok=True)
             try:
-                os.symlink(os.path.relpath(target, link.parent), temporary)
+                os.symlink(os.path.relpath(newest, link.parent), temporary)
             except OSError:  # no symbolic links (Windows without the privilege): a hard link
                 try:
-                    os.link(target, temporary)
+                    os.link(newest, temporary)
                 except OSError:  # nor hard links: a copy
-                    shutil.copyfile(target, temporary)
+                    shutil.copyfile(newest, temporary)
             os.replace(temporary, link)
         trainer.strategy.barrier()
 
