@@ -281,9 +281,31 @@ def test_bad_input_fails_in_one_line(tmp_path, tuned, teacher):
 
 
 def test_import_freekd_leaves_ultralytics_alone():
-    code = "import sys, freekd, freekd.integrations; print('ultralytics' in sys.modules)"
+    code = (
+        "import sys, freekd, freekd.integrations; print('ultralytics' in sys.modules)\n"
+        "sys.modules['ultralytics'] = None  # as if it were not installed\n"
+        "try:\n"
+        "    import freekd.integrations.ultralytics\n"
+        "except ImportError as error:\n"
+        "    print(error)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 0 and lines[0] == "False", result.stderr
+    assert lines[1:] == [
+        "freekd.integrations.ultralytics needs Ultralytics (AGPL-3.0), which is not installed: "
+        "pip install 'freekd[ultralytics]' (or 'ultralytics>=8.4.190,<8.5')"
+    ]
+
+
+@pytest.mark.parametrize("name", ["_compat", "data", "models"])
+def test_the_docstring_examples_run(name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(f"freekd.integrations.ultralytics.{name}")
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE, verbose=False)
+    assert result.attempted > 0 and result.failed == 0
 
 
 # ---------------------------------------------------------------------------- guard
