@@ -363,7 +363,7 @@ CASES = [
         "config: wrong type",
         lambda tmp: load(config_file(tmp, "distill: {mu: lots}\n")),
         ConfigError,
-        (r"run.yaml: distill.mu: expected a number, got 'lots'",),
+        (r"run.yaml: distill.mu: expected a number or 'auto', got 'lots'",),
     ),
     Case(
         "config: missing required value",

@@ -94,15 +94,16 @@ def test_distiller_calibrate_matches_a_hand_computed_weight_and_changes_nothing(
     torch.manual_seed(5)
     reference = copy.deepcopy(distiller)
     task_norm = distill_norm = 0.0
+    captured: list[torch.Tensor] = []
+    hook = reference.student[1].register_forward_hook(lambda m, i, o: captured.append(o))
     for batch in batches:
-        captured = []
-        hook = reference.student[1].register_forward_hook(lambda m, i, o: captured.append(o))
+        captured.clear()
         task = _task(reference.student, batch)
-        hook.remove()
         target = reference.teacher[0](batch).detach()
         distill = (reference.projections[0](captured[0]) - target).square().mean()
         task_norm += gradient_norm(task, captured)
         distill_norm += gradient_norm(distill, captured)
+    hook.remove()
     assert mu == pytest.approx(task_norm / distill_norm, rel=1e-5)
 
     # weights, BatchNorm statistics and the random stream are as before the call

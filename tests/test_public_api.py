@@ -4,6 +4,7 @@ says what it exports (``__all__``), and one spelling (American, as torch) in pub
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 import re
 from pathlib import Path
@@ -45,10 +46,17 @@ PUBLIC = [
 BRITISH = re.compile(r"normalis|colour|optimis|visualis|initialis|centre|summaris|distil(?!l)")
 
 
+OPTIONAL = {"freekd.integrations.ultralytics": "ultralytics"}
+"""Subpackages that need an extra: ``{package: the module it needs}``."""
+
+
 def _modules() -> list[str]:
+    """Every freekd module, less those whose extra is not installed."""
     names = ["freekd"]
-    for info in pkgutil.walk_packages(freekd.__path__, "freekd."):
-        names.append(info.name)
+    for info in pkgutil.walk_packages(freekd.__path__, "freekd.", onerror=lambda name: None):
+        needs = [m for p, m in OPTIONAL.items() if info.name == p or info.name.startswith(p + ".")]
+        if all(importlib.util.find_spec(m) is not None for m in needs):
+            names.append(info.name)
     return names
 
 
