@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import fractions
 import hashlib
 import json
 import logging
@@ -1217,6 +1218,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated subset of the preset's methods and ablations, run in this order",
     )
     parser.add_argument(
+        "--runs",
+        help="run exactly these students (cached like the phases) and list them: comma-separated "
+        "METHOD:FACTOR:SEED, FACTOR a number or fraction (1/3) times the method's mu0, '-' for "
+        "none; e.g. mse:1:0,mgd:1/3:0,none:-:2",
+    )
+    parser.add_argument(
         "--report", action="store_true", help="only write the report from the cache"
     )
     parser.add_argument(
@@ -1234,7 +1241,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(
                 f"unknown methods {unknown} for --preset {args.preset}: choose from {known}"
             )
+    if args.runs is not None:
+        args.runs = [_parse_run(parser, item, args.preset) for item in args.runs.split(",")]
     return args
+
+
+def _parse_run(
+    parser: argparse.ArgumentParser, item: str, preset: str
+) -> tuple[str, float | None, int]:
+    """``METHOD:FACTOR:SEED`` of ``--runs`` as ``(method, factor or None, seed)``."""
+    parts = item.split(":")
+    known = (*PRESETS[preset].methods, *PRESETS[preset].ablations)
+    if len(parts) != 3 or parts[0] not in known:
+        parser.error(f"--runs {item!r}: give METHOD:FACTOR:SEED with METHOD one of {known}")
+    name, factor, seed = parts
+    try:
+        value = None if factor == "-" else float(fractions.Fraction(factor))
+        return name, value, int(seed)
+    except ValueError:
+        parser.error(f"--runs {item!r}: FACTOR is a number, a fraction such as 1/3, or '-'")
+    raise AssertionError  # parser.error exits
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -1251,6 +1277,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bench.sizes,
         bench.levels,
     )
+    if args.runs is not None:
+        jobs = [bench.run(name, factor, seed) for name, factor, seed in args.runs]
+        results = bench.execute(jobs)
+        for r in sorted(results, key=lambda r: (r["method"], r["seed"], r["factor"] or 0)):
+            print(
+                f"{r['method']:24s} factor {r['factor']} seed {r['seed']}: selection "
+                f"{r['selection']:.2f}, test {r['test']:.2f}"
+            )
+        return {"runs": results}
     if args.phase == "prompts":
         for name in (*bench.protocol.methods, *bench.protocol.ablations):
             bench.prompts(name)
