@@ -9,20 +9,9 @@ import pytest
 from freekd.pipeline import jobs
 from freekd.pipeline.demo import demo_config
 from freekd.pipeline.schema import ConfigError
+from tests.test_pipeline_e2e import TINY_SEGMENTATION
 
-TINY = [
-    "teacher.backbone=resnet18",
-    "teacher.train.steps=2",
-    "student.train.steps=2",
-    "prompts.steps=2",
-    "data.args.size=32",
-    "data.crop_size=32",
-    "data.train_args.length=8",
-    "data.val_args.length=4",
-    "data.batch_size=2",
-    "train.checkpoint_every_steps=1",
-    "device=cpu",
-]
+TINY = [*TINY_SEGMENTATION, "device=cpu"]
 
 
 def config(run_dir, *overrides):
