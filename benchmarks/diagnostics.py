@@ -18,21 +18,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
+import quality
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import quality  # noqa: E402
-
-from freekd import FreeKDLoss, dwt2  # noqa: E402
-from freekd.checkpoints import load_weights  # noqa: E402
-from freekd.models import build_model  # noqa: E402
-from freekd.pipeline.builders import build_data  # noqa: E402
-from freekd.relation import RelationalGate  # noqa: E402
-from freekd.taps import FeatureTaps  # noqa: E402
+from freekd import FreeKDLoss, dwt2
+from freekd.checkpoints import load_weights
+from freekd.models import build_model
+from freekd.pipeline.builders import build_data
+from freekd.relation import RelationalGate
+from freekd.taps import FeatureTaps
 
 
 def tapped(model: torch.nn.Module, tap: str, images: torch.Tensor) -> torch.Tensor:

@@ -32,10 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loss_speed import _cpu_busy, _cpu_model, _current_rss_kb, _max_rss_kb, _timer
 
-from loss_speed import _cpu_busy, _cpu_model, _current_rss_kb, _max_rss_kb, _timer  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 TASKS: dict[str, dict[str, Any]] = {
     "detection": {
