@@ -38,12 +38,109 @@ import torch
 
 from freekd.pipeline import distill, evaluate_model, train_baseline, train_teacher, tune_prompts
 from freekd.pipeline.config import RunConfig, config_from_dict
-from freekd.pipeline.demo import DEMO_CONFIGS
 
 # ----------------------------------------------------------------------------- settings
 
-#: What changes from the demo settings (``freekd.pipeline.demo.DEMO_CONFIGS``): the v1
-#: teachers (ResNet-50) and student schedules.
+#: The settings v1 was measured on: the demo's settings of that time (PSPNet / RetinaNet on 64- and
+#: 96-px digit scenes), kept here so that v1 stays reproducible after the demo moved on, with the
+#: then-default stage-1 re-synthesis ``sum`` written out.
+V1_SETTINGS: dict[str, dict[str, Any]] = {
+    "segmentation": {
+        "description": "FreeKD demo: digit-scene segmentation, PSPNet-R34 teacher -> "
+        "PSPNet-R18 student, from scratch on a CPU",
+        "task": "segmentation",
+        "seed": 0,
+        "device": "auto",
+        "data": {
+            "name": "digits",
+            "args": {"size": 64, "digit_scale": [0.4, 0.7], "max_digits": 3, "clutter": 0.5},
+            "train_args": {"length": 4000},
+            "val_args": {"length": 200},
+            "batch_size": 4,
+            "val_batch_size": 25,
+            "crop_size": 64,
+            "scale_range": [0.8, 1.25],
+            "hflip_prob": 0.0,
+        },
+        "teacher": {
+            "arch": "pspnet",
+            "backbone": "resnet34",
+            "train": {
+                "steps": 800,
+                "optimizer": {"name": "adamw", "lr": 0.001, "weight_decay": 0.0001},
+                "schedule": {"kind": "cosine", "min_lr": 1e-05},
+            },
+        },
+        "student": {
+            "arch": "pspnet",
+            "backbone": "resnet18",
+            "train": {
+                "steps": 300,
+                "optimizer": {"name": "adamw", "lr": 0.001, "weight_decay": 0.0001},
+                "schedule": {"kind": "cosine", "min_lr": 1e-05},
+            },
+        },
+        "prompts": {
+            "steps": 40,
+            "optimizer": {"name": "adam", "lr": 0.01, "weight_decay": 0.001},
+            "schedule": {"kind": "cosine", "min_lr": 1e-06},
+            "resynthesis": "sum",
+        },
+        "distill": {"preset": "paper", "mu": 1.0, "projection": "auto"},
+        "train": {"checkpoint_every_steps": 100, "keep_checkpoints": 1, "log_every_steps": 10},
+    },
+    "detection": {
+        "description": "FreeKD demo: digit-scene detection, RetinaNet-R34 teacher -> "
+        "RetinaNet-R18 student, from scratch on a CPU",
+        "task": "detection",
+        "seed": 0,
+        "device": "auto",
+        "data": {
+            "name": "digits",
+            "args": {"size": 96, "digit_scale": [0.25, 0.45], "max_digits": 3, "clutter": 0.5},
+            "train_args": {"length": 4000},
+            "val_args": {"length": 100},
+            "batch_size": 8,
+            "val_batch_size": 20,
+            "hflip_prob": 0.0,
+        },
+        "teacher": {
+            "arch": "retinanet",
+            "backbone": "resnet34",
+            "args": {"min_size": 96, "max_size": 96},
+            "train": {
+                "steps": 300,
+                "optimizer": {"name": "adamw", "lr": 0.0005, "weight_decay": 0.0001},
+                "schedule": {"kind": "cosine", "warmup_steps": 50, "min_lr": 5e-06},
+            },
+        },
+        "student": {
+            "arch": "retinanet",
+            "backbone": "resnet18",
+            "args": {"min_size": 96, "max_size": 96},
+            "train": {
+                "steps": 150,
+                "optimizer": {"name": "adamw", "lr": 0.0005, "weight_decay": 0.0001},
+                "schedule": {"kind": "cosine", "warmup_steps": 50, "min_lr": 5e-06},
+            },
+        },
+        "prompts": {
+            "steps": 40,
+            "optimizer": {"name": "adam", "lr": 0.01, "weight_decay": 0.001},
+            "schedule": {"kind": "cosine", "min_lr": 1e-06},
+            "resynthesis": "sum",
+        },
+        "distill": {"preset": "paper", "mu": 1.0, "projection": "auto"},
+        "train": {
+            "grad_clip_norm": 35.0,
+            "checkpoint_every_steps": 100,
+            "keep_checkpoints": 1,
+            "log_every_steps": 10,
+        },
+    },
+}
+
+#: What changes from :data:`V1_SETTINGS`: the v1 teachers (ResNet-50) and student schedules.
 TASK_CHANGES: dict[str, dict[str, Any]] = {
     "segmentation": {
         "teacher": {"backbone": "resnet50", "train": {"steps": 800}},
@@ -188,7 +285,7 @@ log = logging.getLogger("quality")
 
 def task_settings(task: str, preset: str, device: str) -> dict[str, Any]:
     """The run settings (plain data) of ``task`` before the method and seed are chosen."""
-    settings = _merge(DEMO_CONFIGS[task], TASK_CHANGES[task])
+    settings = _merge(V1_SETTINGS[task], TASK_CHANGES[task])
     settings = _merge(settings, PRESETS[preset]["changes"])
     settings["device"] = device
     settings["description"] = f"freekd quality benchmark: {task}"
