@@ -8,7 +8,7 @@ a table (metric, parameters, time) with one line saying what it means. The run f
 ``config.yaml``, ``metrics.json``, ``masks.png`` (the learned masks over a validation image),
 ``results.png`` (the table as a bar chart) and one folder per job with its logs and checkpoints.
 
-The settings are :data:`DEMO_CONFIGS` (also shipped as ``configs/digits_demo_*.yaml``): the
+The settings are the shipped recipes ``digits_demo_<task>.yaml`` (:data:`DEMO_CONFIGS`): the
 quality benchmark's FPN pair (benchmarks/quality_v2.py) scaled down to 64-px scenes; ``quick``
 applies :data:`QUICK_OVERRIDES` (fewer steps and images).
 """
@@ -50,132 +50,21 @@ __all__ = [
 
 DEMO_TASKS = ("segmentation", "detection")
 
-_ADAMW = {"name": "adamw", "lr": 0.001, "weight_decay": 0.0001}
-# The quality benchmark's pair scaled down (benchmarks/quality_v2.py): pyramids of 128 and 64
-# channels (every distilled layer needs a projection), no dropout.
-_FPN_TEACHER = {
-    "decoder_pyramid_channels": 128,
-    "decoder_segmentation_channels": 64,
-    "decoder_dropout": 0.0,
-}
-_FPN_STUDENT = {
-    "decoder_pyramid_channels": 64,
-    "decoder_segmentation_channels": 32,
-    "decoder_dropout": 0.0,
-}
 
-DEMO_CONFIGS: dict[str, dict[str, Any]] = {
-    "segmentation": {
-        "description": "FreeKD demo: digit-scene segmentation, FPN-ResNet-18 teacher -> "
-        "FPN-MobileNetV3-Small-0.5 student, from scratch on a CPU",
-        "task": "segmentation",
-        "seed": 0,
-        "device": "auto",
-        "data": {
-            "name": "digits",
-            "args": {
-                "size": 64,
-                "min_digits": 1,
-                "max_digits": 3,
-                "digit_scale": [0.3, 0.55],
-                "clutter": 0.5,
-            },
-            "train_args": {"length": 1000, "cache": True},  # rendered once, read 4 times
-            "val_args": {"length": 200},
-            "batch_size": 8,
-            "val_batch_size": 50,
-            "crop_size": 64,
-            "scale_range": [1.0, 1.0],
-            "hflip_prob": 0.0,
-        },
-        "teacher": {
-            "arch": "fpn",
-            "backbone": "resnet18",
-            "args": dict(_FPN_TEACHER),
-            "train": {
-                "steps": 700,
-                "optimizer": {**_ADAMW, "lr": 0.002},
-                "schedule": {"kind": "cosine", "warmup_steps": 50, "min_lr": 0.00001},
-            },
-        },
-        "student": {
-            "arch": "fpn",
-            "backbone": "mobilenetv3_small_050",
-            "args": dict(_FPN_STUDENT),
-            "train": {
-                "steps": 500,
-                "optimizer": {**_ADAMW, "lr": 0.004},  # short runs: every student learns faster
-                "schedule": {"kind": "cosine", "warmup_steps": 50, "min_lr": 0.00001},
-            },
-        },
-        "prompts": {
-            "steps": 30,
-            "optimizer": {"name": "adam", "lr": 0.01, "weight_decay": 0.001},
-            "schedule": {"kind": "cosine", "min_lr": 0.000001},
-        },
-        "distill": {
-            "preset": "recommended",
-            "loss": {"levels": [3, 2, 1]},
-            "mu": "auto",
-            "projection": "auto",
-        },
-        "train": {"checkpoint_every_steps": 250, "keep_checkpoints": 1, "log_every_steps": 50},
-    },
-    "detection": {
-        "description": "FreeKD demo: digit-scene detection, RetinaNet-R34 teacher -> "
-        "RetinaNet-R18 student, from scratch on a CPU",
-        "task": "detection",
-        "seed": 0,
-        "device": "auto",
-        "data": {
-            "name": "digits",
-            "args": {"size": 96, "digit_scale": [0.25, 0.45], "max_digits": 3, "clutter": 0.5},
-            "train_args": {"length": 4000},
-            "val_args": {"length": 100},
-            "batch_size": 8,
-            "val_batch_size": 20,
-            "hflip_prob": 0.0,
-        },
-        "teacher": {
-            "arch": "retinanet",
-            "backbone": "resnet34",
-            "args": {"min_size": 96, "max_size": 96},
-            "train": {
-                "steps": 300,
-                "optimizer": {"name": "adamw", "lr": 0.0005, "weight_decay": 0.0001},
-                "schedule": {"kind": "cosine", "warmup_steps": 50, "min_lr": 0.000005},
-            },
-        },
-        "student": {
-            "arch": "retinanet",
-            "backbone": "resnet18",
-            "args": {"min_size": 96, "max_size": 96},
-            "train": {
-                "steps": 150,
-                "optimizer": {"name": "adamw", "lr": 0.0005, "weight_decay": 0.0001},
-                "schedule": {"kind": "cosine", "warmup_steps": 50, "min_lr": 0.000005},
-            },
-        },
-        "prompts": {
-            "steps": 40,
-            "optimizer": {"name": "adam", "lr": 0.01, "weight_decay": 0.001},
-            "schedule": {"kind": "cosine", "min_lr": 0.000001},
-        },
-        "distill": {
-            "preset": "recommended",
-            "loss": {"levels": [3, 2, 1, 1, 1]},  # P3..P7: 12x12 down to 1x1 at 96 px
-            "mu": "auto",
-            "projection": "auto",
-        },
-        "train": {
-            "grad_clip_norm": 35.0,
-            "checkpoint_every_steps": 100,
-            "keep_checkpoints": 1,
-            "log_every_steps": 10,
-        },
-    },
-}
-"""The demo's settings per task (``configs/digits_demo_<task>.yaml`` holds the same)."""
+def _demo_settings(task: str) -> dict[str, Any]:
+    """The settings of the shipped recipe ``digits_demo_<task>`` (less its ``run_dir``)."""
+    import yaml
+
+    from .._recipes import recipe_path
+
+    settings = yaml.safe_load(recipe_path(f"digits_demo_{task}").read_text(encoding="utf-8"))
+    settings.pop("run_dir", None)  # each demo run gets a fresh folder (default_run_dir)
+    return settings
+
+
+DEMO_CONFIGS: dict[str, dict[str, Any]] = {task: _demo_settings(task) for task in DEMO_TASKS}
+"""The demo's settings per task, read from the shipped recipes ``digits_demo_<task>.yaml``
+(``configs/`` in the repository, ``freekd/recipes/`` when installed: the one source)."""
 
 QUICK_OVERRIDES: dict[str, list[str]] = {
     "segmentation": [
@@ -444,19 +333,3 @@ def results_chart(summary: dict[str, Any], path: Path) -> Path | None:
 def default_run_dir(task: str) -> Path:
     """``runs/demo-<task>-<date>-<time>``: a fresh folder for each demo run."""
     return Path("runs") / f"demo-{task}-{datetime.now():%Y%m%d-%H%M%S}"
-
-
-def demo_yaml(task: str) -> str:
-    """The built-in settings of ``task`` as the YAML of ``configs/digits_demo_<task>.yaml``."""
-    import yaml
-
-    header = (
-        f"# The settings of `freekd demo --task {task}` (kept equal to freekd.pipeline.demo."
-        f"DEMO_CONFIGS by a test).\n"
-        f"# Run them as they are with `freekd demo --task {task}`, or pass this file with\n"
-        f"# --config after editing it. Needs nothing but a CPU: the digit scenes are built in,\n"
-        f"# every model starts from random weights. `--quick` also sets: "
-        f"{', '.join(QUICK_OVERRIDES[task])}.\n"
-    )
-    data = {"run_dir": f"runs/demo-{task}", **DEMO_CONFIGS[task]}
-    return header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
