@@ -363,7 +363,9 @@ class Distiller(nn.Module):
         Raises:
             ValueError: no batch, or a loss without gradient on the student's features.
         """
-        state = {name: value.clone() for name, value in self.state_dict().items()}
+        # the frozen teacher runs in eval mode under no_grad: only the trained parts can change
+        trained = [self.student, self.projections, self.feature_losses]
+        state = [{k: v.clone() for k, v in part.state_dict().items()} for part in trained]
         mode = [(module, module.training) for module in self.modules()]
         device = next(self.student.parameters()).device
         devices = [device.index or 0] if device.type == "cuda" else []
@@ -382,7 +384,8 @@ class Distiller(nn.Module):
                     distill_norms[name] += gradient_norm(term, student_feats)
                 count += 1
         self._student_taps.clear()
-        self.load_state_dict(state)
+        for part, part_state in zip(trained, state, strict=True):
+            part.load_state_dict(part_state)
         for module, training in mode:
             module.training = training
         if count == 0:
