@@ -46,7 +46,7 @@ def test_the_pipeline_schema_takes_its_choices_from_the_core():
     assert typing.get_type_hints(config.RunConfig)["task"] is _choices.Task
     assert typing.get_args(Projector) == PROJECTIONS == ("auto", "always", "none")
     assert NONFINITE_POLICIES == ("raise", "skip", "off") and RESYNTHESES == ("sum", "centered")
-    assert LOGGERS == ("csv", "tensorboard")
+    assert LOGGERS == ("csv", "tensorboard", "wandb", "mlflow")
 
 
 def test_the_command_line_lists_the_same_choices():

@@ -1,6 +1,7 @@
 """What a person sees of a run: a log line every ``log_every_steps`` steps without a terminal
-(checked against the values the CSV logger wrote), a progress bar counted in steps on one, the
-command line's information on stdout only, and an end-of-job summary naming the files."""
+(checked against the values the CSV logger wrote), a progress bar counted in steps on one (rich
+when installed), the command line's information on stdout only, and an end-of-job summary
+naming the files."""
 
 from __future__ import annotations
 
@@ -14,8 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from freekd.train import StepLog, fit, make_train_loader
-from freekd.train.progress import format_duration, format_terms
+from freekd.train import (
+    RichStepProgressBar,
+    StepLog,
+    StepProgressBar,
+    fit,
+    make_train_loader,
+    progress,
+)
+from freekd.train.progress import format_duration, format_terms, progress_callback
 from tests.test_train import Images, config, make_distill_module
 
 pytestmark = pytest.mark.filterwarnings(
@@ -135,3 +143,29 @@ train: {{checkpoint_every_steps: 2, keep_checkpoints: 1, log_every_steps: 2}}
     ]
     assert "checkpoints/last.ckpt -> step=000004.ckpt" in done.stdout
     assert all((folder / name).is_file() for name in files)
+
+
+def test_a_terminal_with_rich_gets_the_rich_bar_else_tqdm_or_log_lines(monkeypatch):
+    monkeypatch.setattr(progress, "output_is_terminal", lambda: True)
+    assert type(progress_callback(True, 5)) is RichStepProgressBar
+    assert type(progress_callback(False, 5)) is StepLog  # no bar asked: the log lines
+    monkeypatch.setattr(progress, "rich_available", lambda: False)
+    assert type(progress_callback(True, 5)) is StepProgressBar
+    monkeypatch.setattr(progress, "rich_available", lambda: True)
+    monkeypatch.setattr(progress, "output_is_terminal", lambda: False)
+    assert type(progress_callback(True, 5)) is StepProgressBar  # a pipe or file: as before
+
+
+def test_the_rich_bar_counts_steps_not_epochs(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("rich")
+    monkeypatch.setattr(progress, "output_is_terminal", lambda: True)
+    settings = config(tmp_path / "run", 5, progress_bar=True)
+    result = fit(
+        make_distill_module(total=5), make_train_loader(Images(4), 2, seed=0), config=settings
+    )
+    bar = result.trainer.progress_bar_callback
+    assert isinstance(bar, RichStepProgressBar)
+    (task,) = bar.progress.tasks  # 5 steps over 3 epochs of 2 batches: one bar
+    assert (task.description.endswith("distill"), task.total, task.completed) == (True, 5, 5)
+    shown = capsys.readouterr().out
+    assert "5/5" in shown and "lr: " in shown and "v_num" not in shown and "Epoch" not in shown

@@ -214,6 +214,8 @@ def _is_user_error(error: BaseException) -> bool:
             return True
     except ImportError:  # pragma: no cover
         pass
+    if isinstance(error, ModuleNotFoundError):  # an optional package, named with its extra
+        return "pip install" in str(error) and _raised_in_freekd(error)
     if not isinstance(error, ValueError | TypeError | KeyError):
         return False
     worker = _worker_error(error)
@@ -541,6 +543,14 @@ def evaluate_command(
             show_default=False,
         ),
     ] = None,
+    coco_backend: Annotated[
+        str,
+        typer.Option(
+            "--coco-backend",
+            help="Detection: who computes COCO AP: auto (faster-coco-eval when installed, "
+            "else pycocotools), faster_coco_eval or pycocotools (same numbers).",
+        ),
+    ] = "auto",
 ) -> None:
     """Score a teacher or student on the validation set: mIoU (segmentation) or COCO box AP
     (detection), in percent. Prints the result and writes it as JSON. With --corruptions, also
@@ -559,6 +569,7 @@ def evaluate_command(
             corruptions=corruptions,
             severities=levels,
             corruption_seed=corruption_seed,
+            coco_backend=coco_backend,
         )
         typer.echo(
             f"{result['role']} {result['arch']}/{result['backbone']} "

@@ -1,4 +1,11 @@
-"""COCO box mAP with pycocotools' ``COCOeval``, on any detection data loader.
+"""COCO box mAP with ``COCOeval``, on any detection data loader.
+
+Backend (``backend=``): ``"faster_coco_eval"`` (the faster-coco-eval package, a drop-in
+reimplementation of pycocotools in C++: ``COCO``, ``COCOeval_faster``), ``"pycocotools"``,
+or ``"auto"`` (default: faster-coco-eval when installed, else pycocotools). Both give the same
+12 numbers (tests/test_coco_backends.py; benchmarks/coco_eval_speed.py times them). A backend
+asked for by name that is not installed raises ``ModuleNotFoundError`` naming the package; it
+is never replaced by the other.
 
 The ground truth is built in memory from the loader's targets (any dataset works), or read from
 the dataset's COCO annotation file (``annotation_file=``, the official protocol: crowd regions and
@@ -17,6 +24,7 @@ ignored, not counted as false positives).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import logging
@@ -25,19 +33,25 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 
+from .._checks import check_choice
 from .._io import atomic_write
 from ..models._common import eval_mode, model_device
 from ..models.detection import detection_predict, split_detection_batch
 
-__all__ = ["DETECTION_METRICS", "COCOEvaluator", "evaluate_detection"]
+__all__ = [
+    "COCO_BACKENDS",
+    "DETECTION_METRICS",
+    "COCOBackend",
+    "COCOEvaluator",
+    "evaluate_detection",
+    "resolve_coco_backend",
+]
 
 logger = logging.getLogger("freekd")
 
@@ -58,6 +72,94 @@ DETECTION_METRICS = (
 """Keys of :meth:`COCOEvaluator.compute`, in the order of ``COCOeval.stats``."""
 
 LabelMap = Mapping[int, int] | Callable[[int], int]
+
+COCOBackend = Literal["auto", "faster_coco_eval", "pycocotools"]
+"""Which COCO API computes the metrics (``"auto"``: faster-coco-eval when installed)."""
+COCO_BACKENDS: tuple[str, ...] = get_args(COCOBackend)
+
+_PACKAGES = {"faster_coco_eval": "faster-coco-eval", "pycocotools": "pycocotools"}
+"""The pip package of each backend's module."""
+_EXTRAS = {"faster_coco_eval": "fast-eval", "pycocotools": "pipeline"}
+"""The freekd extra that installs each backend."""
+
+
+@dataclass(frozen=True)
+class _COCOAPI:
+    """One backend's ``COCO`` class and its ``COCOeval`` (bbox) with printing on or off."""
+
+    name: str
+    coco: type
+    make_eval: Callable[[Any, Any, bool], Any]
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_coco_backend(backend: str = "auto") -> str:
+    """The backend that ``backend`` stands for: itself when named and installed, for
+    ``"auto"`` ``"faster_coco_eval"`` when installed else ``"pycocotools"``.
+
+    Raises ``ValueError`` for an unknown name and ``ModuleNotFoundError`` (naming the package
+    and the extra) for a named backend, or for ``"auto"`` both, that is not installed.
+    """
+    check_choice("COCO backend", backend, COCO_BACKENDS)
+    if backend == "auto":
+        found = [name for name in ("faster_coco_eval", "pycocotools") if _importable(name)]
+        if not found:
+            raise ModuleNotFoundError(
+                "COCO evaluation needs pycocotools or faster-coco-eval, and neither is "
+                "installed: pip install 'freekd[fast-eval]' (or 'freekd[pipeline]')",
+                name="pycocotools",
+            )
+        return found[0]
+    if not _importable(backend):
+        other = "pycocotools" if backend == "faster_coco_eval" else "faster_coco_eval"
+        raise ModuleNotFoundError(
+            f"the COCO backend {backend!r} needs the {_PACKAGES[backend]} package, which is "
+            f"not installed: pip install 'freekd[{_EXTRAS[backend]}]', or choose the "
+            f"{other!r} backend (or 'auto')",
+            name=backend,
+        )
+    return backend
+
+
+def _coco_api(backend: str) -> _COCOAPI:
+    """The classes of ``backend`` (a name :func:`resolve_coco_backend` returned)."""
+    return _faster_coco_eval_api() if backend == "faster_coco_eval" else _pycocotools_api()
+
+
+def _faster_coco_eval_api() -> _COCOAPI:
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    def make_eval(gt: Any, dt: Any, verbose: bool) -> Any:
+        report = print if verbose else _silent  # its summary goes through print_function
+        return COCOeval_faster(gt, dt, iouType="bbox", print_function=report)
+
+    return _COCOAPI("faster_coco_eval", COCO, make_eval)
+
+
+def _pycocotools_api() -> _COCOAPI:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    def make_eval(gt: Any, dt: Any, verbose: bool) -> Any:
+        return COCOeval(gt, dt, iouType="bbox")  # prints: compute() redirects stdout
+
+    return _COCOAPI("pycocotools", COCO, make_eval)
+
+
+def _silent(*_: Any, **__: Any) -> None:
+    """A ``print_function`` that prints nothing."""
+
+
+def _is_coco(value: Any) -> bool:
+    """Whether ``value`` is a loaded COCO object (of either backend)."""
+    return isinstance(getattr(value, "dataset", None), dict) and hasattr(value, "getImgIds")
 
 
 @dataclass
@@ -100,13 +202,15 @@ class COCOEvaluator:
     """Accumulates detections and ground truth; :meth:`compute` runs ``COCOeval`` (bbox).
 
     Args:
-        annotation_file: a COCO json (or a loaded ``pycocotools.coco.COCO``) to take the ground
-            truth from; images are then identified by each target's ``image_id`` and predictions
-            must be in the file's (original) image coordinates. ``None``: ground truth from the
-            targets passed to :meth:`update`.
+        annotation_file: a COCO json (or a loaded ``COCO`` object of either backend) to take
+            the ground truth from; images are then identified by each target's ``image_id`` and
+            predictions must be in the file's (original) image coordinates. ``None``: ground
+            truth from the targets passed to :meth:`update`.
         label_to_category_id: maps the model's labels ``1..K`` to COCO category ids (a dict or a
             function); identity when ``None``. Needed with an annotation file whose category ids
             are not the labels; otherwise it only names the categories in :meth:`results`.
+        backend: ``"auto"`` | ``"faster_coco_eval"`` | ``"pycocotools"`` (module docstring);
+            :attr:`backend` is then the one in use.
 
     Under ``torch.distributed`` each process calls :meth:`update` on its shard and
     :meth:`compute` gathers all of them (with an annotation file, duplicate ``image_id`` from a
@@ -115,18 +219,29 @@ class COCOEvaluator:
 
     def __init__(
         self,
-        annotation_file: str | os.PathLike | COCO | None = None,
+        annotation_file: str | os.PathLike | Any | None = None,
         label_to_category_id: LabelMap | None = None,
+        backend: COCOBackend = "auto",
     ) -> None:
-        if annotation_file is None or isinstance(annotation_file, COCO):
-            self.coco_gt = annotation_file
-        else:
-            if not os.path.isfile(annotation_file):
-                raise FileNotFoundError(f"annotation file {str(annotation_file)!r} does not exist")
-            with contextlib.redirect_stdout(io.StringIO()):
-                self.coco_gt = COCO(str(annotation_file))
+        self.backend = resolve_coco_backend(backend)
+        self._api = _coco_api(self.backend)
+        self.coco_gt = self._load_ground_truth(annotation_file)
         self.label_to_category_id = label_to_category_id
         self._records: list[_ImageRecord] = []
+
+    def _load_ground_truth(self, annotation_file: str | os.PathLike | Any | None) -> Any:
+        """The backend's ``COCO`` of ``annotation_file`` (a path, or a ``COCO`` object of
+        either backend, rebuilt from its ``dataset`` when of the other); ``None`` stays."""
+        if annotation_file is None:
+            return None
+        if _is_coco(annotation_file):
+            if isinstance(annotation_file, self._api.coco):
+                return annotation_file
+            return _coco(self._api, annotation_file.dataset)
+        if not os.path.isfile(annotation_file):
+            raise FileNotFoundError(f"annotation file {str(annotation_file)!r} does not exist")
+        with contextlib.redirect_stdout(io.StringIO()):
+            return self._api.coco(str(annotation_file))
 
     def reset(self) -> None:
         self._records = []
@@ -198,7 +313,7 @@ class COCOEvaluator:
                 )
         return results
 
-    def _ground_truth(self, records: Sequence[_ImageRecord]) -> COCO:
+    def _ground_truth(self, records: Sequence[_ImageRecord]) -> Any:
         annotations, categories = [], set()
         for image_id, record in enumerate(records):
             areas = record.gt_area
@@ -223,10 +338,9 @@ class COCOEvaluator:
             "categories": [{"id": c} for c in sorted(categories)],
             "annotations": annotations,
         }
-        return _coco(dataset)
+        return _coco(self._api, dataset)
 
-    @staticmethod
-    def _result_coco(gt: COCO, detections: list[dict]) -> COCO:
+    def _result_coco(self, gt: Any, detections: list[dict]) -> Any:
         """Like ``gt.loadRes(detections)``, which fails on an empty list."""
         annotations = []
         for index, detection in enumerate(detections, start=1):
@@ -237,9 +351,9 @@ class COCOEvaluator:
             "categories": gt.dataset.get("categories", []),
             "annotations": annotations,
         }
-        return _coco(dataset)
+        return _coco(self._api, dataset)
 
-    def _prepare(self) -> tuple[COCO, list[dict], list[int]]:
+    def _prepare(self) -> tuple[Any, list[dict], list[int]]:
         records = _gather(self._records)
         if self.coco_gt is None:
             ids = list(range(len(records)))
@@ -266,7 +380,7 @@ class COCOEvaluator:
     def compute(self, verbose: bool = False) -> dict[str, float]:
         """``{AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}`` in percent.
 
-        ``verbose`` prints pycocotools' summary table.
+        ``verbose`` prints the backend's summary table.
         """
         gt, detections, ids = self._prepare()
         if not ids:
@@ -274,21 +388,23 @@ class COCOEvaluator:
         if not gt.getAnnIds(imgIds=ids, iscrowd=False):
             logger.warning("COCO evaluation: the images hold no ground-truth boxes; AP is NaN")
             return dict.fromkeys(DETECTION_METRICS, math.nan)
-        evaluator = COCOeval(gt, self._result_coco(gt, detections), iouType="bbox")
+        evaluator = self._api.make_eval(gt, self._result_coco(gt, detections), verbose)
         evaluator.params.imgIds = sorted(ids)
         output = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
         with output:
             evaluator.evaluate()
             evaluator.accumulate()
             evaluator.summarize()
+        stats = list(evaluator.stats)[: len(DETECTION_METRICS)]
         return {
             name: (100.0 * float(value) if value >= 0 else math.nan)
-            for name, value in zip(DETECTION_METRICS, evaluator.stats, strict=True)
+            for name, value in zip(DETECTION_METRICS, stats, strict=True)
         }
 
 
-def _coco(dataset: dict) -> COCO:
-    coco = COCO()
+def _coco(api: _COCOAPI, dataset: dict) -> Any:
+    """A ``COCO`` object of ``api``'s backend holding ``dataset`` (indexed)."""
+    coco = api.coco()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
@@ -303,6 +419,7 @@ def evaluate_detection(
     annotation_file: str | os.PathLike | None = None,
     results_path: str | os.PathLike | None = None,
     verbose: bool = False,
+    backend: COCOBackend = "auto",
 ) -> dict[str, float]:
     """COCO box mAP (percent) of ``model`` on ``data_loader``.
 
@@ -317,11 +434,13 @@ def evaluate_detection(
         annotation_file: the dataset's COCO json, for the official ground truth (see
             :class:`COCOEvaluator`); ``None``: ground truth from the targets.
         results_path: also write the detections as a COCO results json there.
-        verbose: print pycocotools' summary table.
+        verbose: print the backend's summary table.
+        backend: ``"auto"`` (faster-coco-eval when installed, else pycocotools),
+            ``"faster_coco_eval"`` or ``"pycocotools"`` (see :class:`COCOEvaluator`).
 
     Returns ``{AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}``.
     """
-    evaluator = COCOEvaluator(annotation_file, label_to_category_id)
+    evaluator = COCOEvaluator(annotation_file, label_to_category_id, backend)
     device = model_device(model) if device is None else torch.device(device)
     model.to(device)
     with eval_mode(model):

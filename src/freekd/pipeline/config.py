@@ -261,7 +261,8 @@ class DistillSection:
 class TrainerSection:
     """Trainer settings shared by the jobs (the fields of :class:`freekd.train.TrainConfig`
     except ``max_steps``, ``run_dir`` and ``seed``, which come from the job and the run).
-    ``progress_bar: null`` shows it when the output is a terminal."""
+    ``progress_bar: null`` shows it when the output is a terminal; ``logger_args`` go to the
+    constructor of ``logger`` (:func:`freekd.train.loggers.make_logger`)."""
 
     precision: str = "32-true"
     grad_clip_norm: float | None = None
@@ -274,11 +275,20 @@ class TrainerSection:
     keep_checkpoints: int = 2
     deterministic: bool | Literal["warn"] = "warn"
     logger: Logger | None = "csv"
+    logger_args: dict[str, Any] = field(default_factory=dict)
     log_every_steps: int = 50
     progress_bar: bool | None = None
     model_summary: bool = False
     sanity_val_steps: int = 0
     extra_trainer_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.logger_args and self.logger is None:
+            raise ConfigError(
+                "logger_args",
+                "set while train.logger is null, so no logger would take them: choose a "
+                "logger (csv, tensorboard, wandb, mlflow) or remove logger_args",
+            )
 
 
 @dataclass

@@ -267,6 +267,26 @@ def _job_files(directory: Path) -> list[tuple[str, str]]:
     )
     if logs:
         rows.append((str(logs[-1].relative_to(directory)), "the logged terms of every step"))
+    return rows + _logger_rows(directory)
+
+
+def _logger_rows(directory: Path) -> list[tuple[str, str]]:
+    """``(folder/, what it is)`` of what the TensorBoard, wandb and MLflow loggers wrote in a
+    job's ``logs/`` (the newest run of each)."""
+    logs, rows = directory / "logs", []
+    events = sorted(logs.glob("version_*/events.out.tfevents.*"), key=os.path.getmtime)
+    if events:
+        folder = events[-1].parent.relative_to(directory)
+        rows.append((f"{folder}/", f"TensorBoard events (tensorboard --logdir {logs})"))
+    runs = [path for path in logs.glob("wandb/*run-*") if path.is_dir() and not path.is_symlink()]
+    runs.sort(key=os.path.getmtime)
+    if runs:
+        offline = runs[-1].name.startswith("offline-")
+        role = f"the wandb run (offline: wandb sync {runs[-1]})" if offline else "the wandb run"
+        rows.append((f"{runs[-1].relative_to(directory)}/", role))
+    if (logs / "mlruns").is_dir():
+        uri = (logs / "mlruns").resolve().as_uri()
+        rows.append(("logs/mlruns/", f"the MLflow runs (tracking URI {uri})"))
     return rows
 
 
@@ -632,6 +652,7 @@ def evaluate_model(
     corruptions: str | Sequence[str] | None = None,
     severities: Sequence[int] = (1, 2, 3, 4, 5),
     corruption_seed: int | None = None,
+    coco_backend: str = "auto",
 ) -> dict[str, Any]:
     """Score a teacher, FreeKD student or baseline student on the validation set.
 
@@ -647,12 +668,17 @@ def evaluate_model(
     ``{metric, clean, mPC, rPC, per_corruption: {name: {"1": m, ..., "mean": m}}, ...}``
     (:func:`freekd.evaluation.evaluate_robustness`). Images are corrupted in ``[0, 1]``, before
     the ImageNet normalization of ``data.normalize``.
+
+    ``coco_backend`` (detection): ``"auto"`` | ``"faster_coco_eval"`` | ``"pycocotools"``
+    (:func:`freekd.evaluation.detection.resolve_coco_backend`); the result names the one used
+    (``coco_backend``). A segmentation run refuses any other value than ``"auto"``.
     """
     from ..evaluation import evaluate
     from ..evaluation.corruptions import resolve_corruptions
     from ..models import count_parameters
 
     names = resolve_corruptions(corruptions)  # unknown names fail before any work
+    backend = _coco_backend(config, coco_backend)  # as must a missing backend
 
     check_choice("model", role, ROLES)
     val_set = build_data(config, "val")
@@ -679,6 +705,7 @@ def evaluate_model(
         annotation = getattr(base, "annotation_file", None)
         if annotation is not None and val_set is base:
             kwargs["annotation_file"] = annotation
+        kwargs["backend"] = backend
     start = time.perf_counter()
     robustness = None
     if names:
@@ -702,12 +729,30 @@ def evaluate_model(
         "seconds": round(time.perf_counter() - start, 2),
         "scores": scores,
     }
+    if backend is not None:
+        result["coco_backend"] = backend
     if robustness is not None:
         result["robustness"] = robustness
     target = Path(output) if output is not None else job_dir(config, role) / "metrics.json"
     write_json(result, target)
     result["output"] = str(target)
     return result
+
+
+def _coco_backend(config: RunConfig, backend: str) -> str | None:
+    """The COCO backend a detection run's evaluation uses (``None`` for segmentation, which
+    refuses a backend asked for by name: it would be ignored)."""
+    from ..evaluation.detection import COCO_BACKENDS, resolve_coco_backend
+
+    check_choice("coco_backend", backend, COCO_BACKENDS)
+    if config.task == "detection":
+        return resolve_coco_backend(backend)
+    if backend != "auto":
+        raise ValueError(
+            f"coco_backend={backend!r} is for detection, and this run's task is "
+            f"{config.task}: leave it out (mIoU needs no COCO backend)"
+        )
+    return None
 
 
 def score_tables(result: dict[str, Any]) -> list[str]:

@@ -27,7 +27,7 @@ from .data import (
     make_val_loader,
 )
 from .modules import DistillModule, PromptTuningModule, TeacherModule
-from .progress import StepLog, StepProgressBar
+from .progress import RichStepProgressBar, StepLog, StepProgressBar
 from .runner import FitResult, build_trainer, fit, resolve_resume
 from .schedules import build_optimizer, build_scheduler, lr_factor
 
@@ -41,6 +41,7 @@ __all__ = [
     "RNGState",
     "ResumableDataLoader",
     "ResumableSampler",
+    "RichStepProgressBar",
     "ScheduleConfig",
     "ShardSampler",
     "StepCheckpoint",

@@ -37,7 +37,7 @@ __all__ = [
 OptimizerName = Literal["sgd", "adam", "adamw"]
 ScheduleKind = Literal["constant", "step", "poly", "cosine"]
 Precision = Literal["32-true", "bf16-mixed", "16-mixed"]
-Logger = Literal["csv", "tensorboard"]
+Logger = Literal["csv", "tensorboard", "wandb", "mlflow"]
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 SCHEDULES: tuple[str, ...] = get_args(ScheduleKind)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -172,8 +172,15 @@ class TrainConfig:
         seed: seeds Python, NumPy and torch at the start (``lightning.seed_everything``).
         deterministic: ``torch.use_deterministic_algorithms`` for the run: ``True``, ``False``,
             or ``"warn"`` (default: warn about non-deterministic ops instead of failing).
-        logger: ``"csv"`` (default) or ``"tensorboard"`` (needs the ``tensorboard`` package);
-            ``None``: no logger.
+        logger: ``"csv"`` (default), ``"tensorboard"``, ``"wandb"`` or ``"mlflow"`` (each of
+            the last three needs its package, the extra of the same name:
+            ``pip install 'freekd[wandb]'``); ``None``: no logger. Every logger writes under
+            ``run_dir/logs`` unless ``logger_args`` (or the logger's own environment variable)
+            says otherwise (see :func:`freekd.train.loggers.make_logger`).
+        logger_args: keyword arguments of the Lightning logger's constructor, over freekd's
+            defaults (e.g. ``{"project": "detectors", "offline": True}`` for wandb,
+            ``{"tracking_uri": "http://mlflow:5000"}`` for mlflow); names the logger does not
+            take are refused before the run starts.
         log_every_steps: logging interval of the training terms (the logger's rows, and
             the log lines printed without a progress bar).
         progress_bar: show a progress bar counted in steps (``False``: a log line every
@@ -197,6 +204,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool | str = "warn"
     logger: str | None = "csv"
+    logger_args: dict[str, Any] = field(default_factory=dict)
     log_every_steps: int = 50
     progress_bar: bool = True
     model_summary: bool = True
@@ -223,6 +231,7 @@ class TrainConfig:
             _fail("TrainConfig.deterministic", self.deterministic, "use True, False or 'warn'")
         if self.logger is not None:
             check_choice("TrainConfig.logger", self.logger, LOGGERS)
+        self._check_logger_args()
         _check_int("TrainConfig.log_every_steps", self.log_every_steps, 1)
         _check_int("TrainConfig.sanity_val_steps", self.sanity_val_steps, 0)
         count = isinstance(self.devices, int) and not isinstance(self.devices, bool)
@@ -230,6 +239,23 @@ class TrainConfig:
             _fail("TrainConfig.devices", self.devices, "use a count >= 1, -1 (all) or 'auto'")
         if not isinstance(self.extra_trainer_args, dict):
             _fail("TrainConfig.extra_trainer_args", self.extra_trainer_args, "use a dict")
+
+    def _check_logger_args(self) -> None:
+        """``logger_args``: a mapping with string keys, and only with a logger to take it."""
+        args = self.logger_args
+        if not isinstance(args, dict) or not all(isinstance(key, str) for key in args):
+            _fail(
+                "TrainConfig.logger_args",
+                args,
+                "use a mapping of the logger's keyword arguments, e.g. {'project': 'freekd'}",
+            )
+        if args and self.logger is None:
+            _fail(
+                "TrainConfig.logger_args",
+                args,
+                "TrainConfig.logger is None, so no logger would take them: choose a logger "
+                "or leave logger_args empty",
+            )
 
 
 def prompt_tuning_recipe(total_steps: int = 2000) -> tuple[OptimConfig, ScheduleConfig]:

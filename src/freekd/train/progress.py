@@ -1,9 +1,12 @@
 """What a training job shows while it runs: a progress bar counted in steps on a terminal, or
 a log line every ``log_every_steps`` steps elsewhere (log files, ``nohup``, CI).
 
+- :func:`progress_callback`: which of the three below a run shows.
 - :class:`StepProgressBar`: Lightning's ``TQDMProgressBar`` with one bar for the whole run
   (``distill 120/300``) instead of one per epoch: the jobs are counted in optimizer steps
   (``max_steps``) and run for as many epochs as that takes (``max_epochs=-1``).
+- :class:`RichStepProgressBar`: the same bar drawn by Lightning's ``RichProgressBar``, shown
+  instead of the tqdm one when ``rich`` is installed and stdout is a terminal.
 - :class:`StepLog`: on the process of rank 0 only, through the ``freekd`` logger (INFO)::
 
       distill step 120/300 (40%): loss 0.8123 (task 0.7012, distill/freekd 0.1111),
@@ -23,10 +26,21 @@ from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
+from lightning_utilities.core.imports import RequirementCache
 
-__all__ = ["ConsoleHandler", "StepLog", "StepProgressBar", "format_duration", "format_terms"]
+__all__ = [
+    "ConsoleHandler",
+    "RichStepProgressBar",
+    "StepLog",
+    "StepProgressBar",
+    "format_duration",
+    "format_terms",
+    "output_is_terminal",
+    "progress_callback",
+    "rich_available",
+]
 
 logger = logging.getLogger("freekd")
 
@@ -132,6 +146,78 @@ class StepProgressBar(TQDMProgressBar):
         if rate is not None:
             metrics["lr"] = f"{rate:.2e}"
         return metrics
+
+
+class RichStepProgressBar(RichProgressBar):
+    """Lightning's ``RichProgressBar`` as one bar over the run's ``max_steps`` steps, named
+    after the job (``distill``), with the objective and the learning rate; a resumed run
+    starts the bar at its step (needs ``rich``)."""
+
+    def _add_step_task(self, trainer: Trainer) -> None:
+        """The bar of the whole run, at the trainer's step."""
+        self.train_progress_bar_id = self._add_task(
+            trainer.max_steps, _job_name(trainer.lightning_module)
+        )
+        self._update(self.train_progress_bar_id, trainer.global_step)
+
+    def _initialize_train_progress_bar_id(self) -> None:  # Lightning's, for mid-epoch resumes
+        if self.trainer.max_steps <= 0:
+            super()._initialize_train_progress_bar_id()
+            return
+        self._add_step_task(self.trainer)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.max_steps <= 0:  # an epoch-based run: Lightning's bar
+            super().on_train_epoch_start(trainer, pl_module)
+            return
+        if self.is_enabled and self.progress is not None and self.train_progress_bar_id is None:
+            self._add_step_task(trainer)  # the first epoch only: later ones continue the bar
+        self.refresh()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if trainer.max_steps <= 0:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, idx)
+            return
+        if self.is_enabled and self.train_progress_bar_id is None:
+            self._add_step_task(trainer)
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        metrics = dict(super().get_metrics(trainer, pl_module))
+        metrics.pop("v_num", None)
+        rate = _learning_rate(trainer)
+        if rate is not None:
+            metrics["lr"] = f"{rate:.2e}"
+        return metrics
+
+
+_RICH = RequirementCache("rich>=10.2.2")
+
+
+def rich_available() -> bool:
+    """Whether ``rich`` (the version Lightning's ``RichProgressBar`` needs) is installed."""
+    return bool(_RICH)
+
+
+def output_is_terminal() -> bool:
+    """Whether ``sys.stdout`` is a terminal (where rich draws)."""
+    isatty = getattr(sys.stdout, "isatty", None)
+    return bool(callable(isatty) and isatty())
+
+
+def progress_callback(show_bar: bool, every: int) -> Callback:
+    """What a run shows: with ``show_bar``, a bar counted in steps (:class:`RichStepProgressBar`
+    when ``rich`` is installed and stdout is a terminal, else :class:`StepProgressBar`);
+    without, a :class:`StepLog` line every ``every`` steps."""
+    if not show_bar:
+        return StepLog(every)
+    if rich_available() and output_is_terminal():
+        return RichStepProgressBar()
+    return StepProgressBar()
 
 
 class StepLog(Callback):

@@ -7,6 +7,7 @@ Run folder (``config.run_dir``)::
     checkpoints/interrupted.ckpt                     after an exception (best effort)
     (last.ckpt is a link to the newest step file; the frozen teacher is never stored)
     logs/version_0/metrics.csv                       per-step terms; version_1, ... after resumes
+    (logs/wandb/..., logs/mlruns/...: with logger="wandb" / "mlflow", see freekd.train.loggers)
     prompts.safetensors / student.safetensors        what a completed run produced
 
 A fresh run refuses a folder that is not empty (``force=True`` clears it); ``resume=...``
@@ -45,7 +46,8 @@ from ..checkpoints import checkpoint_job, read_torch_file
 from .callbacks import AtomicCheckpointIO, RNGState, StepCheckpoint
 from .config import TrainConfig
 from .data import ResumableDataLoader, ShardSampler
-from .progress import StepLog, StepProgressBar
+from .loggers import finish_logger, make_logger
+from .progress import progress_callback
 
 __all__ = [
     "DeviceWords",
@@ -366,26 +368,6 @@ def _prepare_run_dir(run_dir: Path, resuming: bool, force: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _make_logger(config: TrainConfig) -> Any:
-    if config.logger is None:
-        return False
-    if config.logger == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        # A new version folder per (re)start: Lightning's CSV writer would replace the metrics
-        # file of an existing one.
-        return CSVLogger(config.run_dir, name="logs")
-    try:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        return TensorBoardLogger(config.run_dir, name="logs", default_hp_metric=False)
-    except ModuleNotFoundError as error:
-        raise ModuleNotFoundError(
-            f"TrainConfig.logger='tensorboard' needs the tensorboard package ({error}): "
-            f"pip install tensorboard, or use logger='csv'"
-        ) from None
-
-
 def build_trainer(
     config: TrainConfig,
     distributed_sampler: bool = False,
@@ -413,9 +395,8 @@ def build_trainer(
     all_callbacks.extend(callbacks)
     all_callbacks.extend(_as_list(extra.pop("callbacks", None)))
     if not any(isinstance(c, ProgressBar) for c in all_callbacks):
-        # A bar counted in steps on a terminal; otherwise a log line every log_every_steps.
-        shown = StepProgressBar() if config.progress_bar else StepLog(config.log_every_steps)
-        all_callbacks.append(shown)
+        # A bar counted in steps (rich on a terminal); otherwise a line every log_every_steps.
+        all_callbacks.append(progress_callback(config.progress_bar, config.log_every_steps))
     validation = (
         {"val_check_interval": config.val_every_steps, "check_val_every_n_epoch": None}
         if config.val_every_steps is not None
@@ -434,7 +415,7 @@ def build_trainer(
         num_nodes=config.num_nodes,
         strategy=config.strategy,
         deterministic=config.deterministic,
-        logger=_make_logger(config),
+        logger=make_logger(config),
         log_every_n_steps=config.log_every_steps,
         enable_progress_bar=config.progress_bar,
         enable_model_summary=config.model_summary,
@@ -516,6 +497,7 @@ def fit(
     )
     main_thread = threading.current_thread() is threading.main_thread()
     sigint_handler = signal.getsignal(signal.SIGINT) if main_thread else None
+    completed = False
     try:
         with warnings.catch_warnings():
             for message in _EXPECTED_WARNINGS:
@@ -527,6 +509,7 @@ def fit(
                 ckpt_path=str(checkpoint) if checkpoint is not None else None,
                 weights_only=True,
             )
+        completed = True
     except SystemExit as error:
         # Lightning turns a KeyboardInterrupt it caught into sys.exit(1), after the callbacks'
         # on_exception (StepCheckpoint wrote interrupted.ckpt); give the caller the interrupt.
@@ -542,6 +525,7 @@ def fit(
             raise StoppedBySignal(trainer.global_step, last if last.is_file() else None) from None
         raise
     finally:
+        finish_logger(trainer.logger, failed=not completed)
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         # After an exception, Lightning leaves SIGINT ignored (after a Ctrl-C) or with the
         # handler it found at the start (StepCheckpoint's): put the caller's back.
