@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-__all__ = ["ROLES", "SPLITS", "TASKS", "Role", "Split", "Task"]
+__all__ = ["EXPORT_FORMATS", "ROLES", "SPLITS", "TASKS", "ExportFormat", "Role", "Split", "Task"]
 
 Task = Literal["detection", "segmentation"]
 """A dense-prediction task."""
@@ -22,3 +22,8 @@ SPLITS: tuple[str, ...] = get_args(Split)
 Role = Literal["teacher", "student", "baseline"]
 """A model of a run: the teacher, the distilled student, or the student trained alone."""
 ROLES: tuple[str, ...] = get_args(Role)
+
+ExportFormat = Literal["safetensors", "hf", "onnx"]
+"""What ``freekd export`` writes: the student's state dict as safetensors, a Hugging Face style
+folder (config.json, model.safetensors, README.md), or an ONNX file checked with onnxruntime."""
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)

@@ -195,11 +195,13 @@ def _worker_error(error: BaseException) -> tuple[str, bool] | None:
 
 
 def _is_user_error(error: BaseException) -> bool:
+    from ._extras import MissingExtraError
     from .pipeline.schema import ConfigError
 
     if isinstance(
         error,
         ConfigError
+        | MissingExtraError
         | FileNotFoundError
         | FileExistsError
         | NotADirectoryError
@@ -236,6 +238,7 @@ _CLI_WORDS: tuple[tuple[str, str], ...] = (
     (r"pass prefix= to choose", "pass a file that holds one model (e.g. a job's .safetensors)"),
     (r"save it again with FreeKDLoss\.save_prompts, or tune", "tune"),
     (r"start it without resuming", "start it without --resume / --resume-from"),
+    (r"pass a larger tolerance=", "pass a larger --tolerance"),
 )
 
 
@@ -585,6 +588,29 @@ def evaluate_command(
     _run(job)
 
 
+def _export_line(result: Path, export_format: str, cfg: Any) -> str:
+    """What ``freekd export`` prints about the file or folder it wrote."""
+    model = f"{cfg.student.arch}/{cfg.student.backbone}"
+    if export_format == "safetensors":
+        return f"student weights: {result} (loads with strict=True into {model})"
+    if export_format == "hf":
+        return (
+            f"student folder: {result} (config.json, model.safetensors, README.md, "
+            f"run_config.yaml; reload offline with freekd.pipeline.from_pretrained)"
+        )
+    import json
+
+    from .pipeline.jobs import onnx_record
+
+    record_path = onnx_record(result)
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    return (
+        f"student ONNX: {result} ({record['exporter']} exporter, opset {record['opset']}); "
+        f"onnxruntime vs PyTorch max abs difference {record['max_abs_diff']:.3g} "
+        f"(tolerance {record['tolerance']:g}) on {record['compared']}; record: {record_path}"
+    )
+
+
 @app.command("export")
 def export_command(
     config: ConfigOption,
@@ -603,28 +629,53 @@ def export_command(
         Path | None,
         typer.Option(
             "--output",
-            help="Where to write the student (default: the student.safetensors that "
-            "distill wrote at that step, else "
-            "<job folder>/exported/<checkpoint name>.safetensors).",
+            help="Where to write the student (default: for safetensors the student.safetensors "
+            "that distill wrote at that step, else <job folder>/exported/<checkpoint name>"
+            ".safetensors; <...>_hf/ for hf; <...>.onnx for onnx).",
             show_default=False,
         ),
     ] = None,
     baseline: Annotated[
         bool, typer.Option("--baseline", help="Export from the baseline run instead.")
     ] = False,
+    export_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="safetensors (the state dict), hf (a folder: config.json, model.safetensors, "
+            "a model card README.md; freekd.pipeline.from_pretrained reloads it) or onnx "
+            "(checked against PyTorch with onnxruntime; pip install 'freekd[onnx]').",
+        ),
+    ] = "safetensors",
+    tolerance: Annotated[
+        float | None,
+        typer.Option(
+            "--tolerance",
+            help="onnx: the largest accepted max abs difference between onnxruntime's and "
+            "PyTorch's outputs on the first validation image (default 1e-3).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Write the student alone (no teacher, prompts or projections) as safetensors from a
-    distillation checkpoint; it loads with strict=True into the plain model (checked)."""
+    """Write the student alone (no teacher, prompts or projections) from a distillation
+    checkpoint: as safetensors (it loads with strict=True into the plain model, checked), as a
+    Hugging Face style folder with a model card (--format hf, reloaded as a check), or as ONNX
+    (--format onnx: segmenters with torch.export, torchvision detectors with the TorchScript
+    exporter; onnxruntime's outputs checked against PyTorch's)."""
 
     def job() -> None:
+        from ._checks import check_choice
+        from ._choices import EXPORT_FORMATS
         from .pipeline.jobs import export
 
+        check_choice("export format (--format)", export_format, EXPORT_FORMATS)
+        if tolerance is not None and export_format != "onnx":
+            raise ValueError("--tolerance sets the ONNX check: use it with --format onnx")
+        checked = {} if tolerance is None else {"tolerance": tolerance}
         cfg = _load(config, sets, run_dir, None)
-        path = export(cfg, checkpoint, output, role="baseline" if baseline else "student")
-        typer.echo(
-            f"student weights: {path} (loads with strict=True into "
-            f"{cfg.student.arch}/{cfg.student.backbone})"
-        )
+        role = "baseline" if baseline else "student"
+        path = export(cfg, checkpoint, output, role, export_format, **checked)
+        typer.echo(_export_line(path, export_format, cfg))
 
     _run(job)
 

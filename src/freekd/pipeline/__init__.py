@@ -7,6 +7,9 @@ teacher, tune prompts, distill, evaluate, export, visualize) and the demo
     config = load_config(recipe_path("digits_demo_segmentation"), ["student.train.steps=50"])
     train_teacher(config); tune_prompts(config); distill(config)
 
+``from_pretrained(folder)`` rebuilds a student that ``export(config, format="hf")`` (``freekd
+export --format hf``) wrote, offline (:mod:`freekd.pipeline.hub`).
+
 ``recipe_path(name)`` is the file of a recipe shipped with the package (``recipe_names()`` lists
 them; the repository's ``configs/`` holds the same files).
 
@@ -16,6 +19,7 @@ Needs the pipeline's dependencies (Lightning, torchvision, smp, pycocotools, PyY
 from .._recipes import recipe_names, recipe_path
 from ..losses import FeatureMSE
 from .config import RunConfig, dump_config, load_config
+from .hub import from_pretrained
 from .jobs import (
     JobResult,
     distill,
@@ -37,6 +41,7 @@ __all__ = [
     "dump_config",
     "evaluate_model",
     "export",
+    "from_pretrained",
     "load_config",
     "recipe_names",
     "recipe_path",

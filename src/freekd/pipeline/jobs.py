@@ -6,6 +6,7 @@ Run folder (``config.run_dir``)::
     prompts/            tune-prompts: ..., prompts.safetensors
     student_freekd/     distill: ..., student.safetensors (student only), metrics.json
     student_baseline/   distill --baseline (the student on its task loss alone): student.safetensors
+    <student job>/exported/   export: <ckpt>.safetensors, <ckpt>_hf/ (--format hf), <ckpt>.onnx
     masks.png           visualize
 
 Every job refuses a job folder that already holds a run unless ``force`` (which clears it) or
@@ -29,8 +30,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
-from .._checks import check_choice
-from .._choices import ROLES, SPLITS
+from .._checks import check_choice, check_positive_float
+from .._choices import EXPORT_FORMATS, ROLES, SPLITS
 from ..checkpoints import export_student
 from ..distill import Distiller, OutputLoss
 from ..losses import FeatureMSE
@@ -52,6 +53,7 @@ from .builders import (
     val_loader,
 )
 from .config import ModelSection, RunConfig, dump_config
+from .onnx_export import DEFAULT_TOLERANCE
 
 __all__ = [
     "HEAD_TAPS",
@@ -61,6 +63,7 @@ __all__ = [
     "evaluate_model",
     "export",
     "job_summary",
+    "onnx_record",
     "prompts_file",
     "score_tables",
     "teacher_weights",
@@ -778,15 +781,37 @@ def export(
     checkpoint: str | os.PathLike | None = None,
     output: str | os.PathLike | None = None,
     role: str = "student",
+    format: str = "safetensors",
+    tolerance: float = DEFAULT_TOLERANCE,
 ) -> Path:
-    """Student-only safetensors from a distillation (or baseline) run's Lightning checkpoint
-    (default ``student_freekd/checkpoints/last.ckpt``), checked by loading it with
-    ``strict=True`` into a freshly built student. Default output:
-    ``<job folder>/exported/<checkpoint name>.safetensors``; without ``output``, when the job
-    already wrote ``<job folder>/student.safetensors`` at the checkpoint's step (a completed
-    run), that file is checked and returned instead of written again."""
-    import safetensors.torch
+    """Export the student alone (no teacher, prompts or projections) of a distillation (or
+    baseline) run's Lightning checkpoint (default ``student_freekd/checkpoints/last.ckpt``).
+    Returns the file or folder written.
 
+    ``format``:
+
+    - ``"safetensors"`` (default): its state dict, checked by loading it with ``strict=True``
+      into a freshly built student. Default output:
+      ``<job folder>/exported/<checkpoint name>.safetensors``; without ``output``, when the job
+      already wrote ``<job folder>/student.safetensors`` at the checkpoint's step (a completed
+      run), that file is checked and returned instead of written again.
+    - ``"hf"``: a Hugging Face style folder (:mod:`freekd.pipeline.hub`: ``config.json``,
+      ``model.safetensors``, the model card ``README.md`` with the scores of the job's
+      ``metrics.json`` when there is one, ``run_config.yaml``), checked by reloading it with
+      :func:`~freekd.pipeline.hub.from_pretrained`. Default:
+      ``<job folder>/exported/<checkpoint name>_hf/``.
+    - ``"onnx"``: an ONNX file checked with onnxruntime against PyTorch on the first validation
+      image (:func:`~freekd.pipeline.onnx_export.export_onnx`; written only when the max abs
+      difference is at most ``tolerance``), and beside it ``<file>.json``, the check's record
+      (:func:`onnx_record`). Default: ``<job folder>/exported/<checkpoint name>.onnx``. Needs
+      the ``onnx`` extra.
+    """
+    check_choice("export format", format, EXPORT_FORMATS)
+    if format == "onnx":
+        from .onnx_export import require_onnx
+
+        require_onnx()  # before any data is read
+        check_positive_float("tolerance", tolerance)
     if role not in ("student", "baseline"):
         raise ValueError(f"export writes students: role must be student or baseline, got {role!r}")
     directory = job_dir(config, role)
@@ -796,7 +821,26 @@ def export(
             f"checkpoint {str(path)!r} does not exist: run freekd distill first or pass "
             f"--checkpoint"
         )
-    num_classes = num_classes_of(build_data(config, "val"))
+    val_set = build_data(config, "val")
+    num_classes = num_classes_of(val_set)
+    if format == "safetensors":
+        return _export_safetensors(config, path, output, role, num_classes)
+    spec = build_spec(config, config.student, num_classes)
+    load_model_weights(spec.model, path, role)
+    spec.model.eval()
+    suffix = "_hf" if format == "hf" else ".onnx"
+    target = Path(output) if output is not None else directory / "exported" / f"{path.stem}{suffix}"
+    job = _ExportJob(config, role, path, target, spec.model, num_classes, val_set)
+    return _export_hf(job) if format == "hf" else _export_onnx(job, tolerance)
+
+
+def _export_safetensors(
+    config: RunConfig, path: Path, output: str | os.PathLike | None, role: str, num_classes: int
+) -> Path:
+    """``export(format="safetensors")``: the state dict of ``path``'s student, checked."""
+    import safetensors.torch
+
+    directory = job_dir(config, role)
     written = _written_student(directory, path) if output is None else None
     if written is not None:
         fresh = build_spec(config, config.student, num_classes).model
@@ -811,6 +855,134 @@ def export(
     fresh = build_spec(config, config.student, num_classes).model
     fresh.load_state_dict(safetensors.torch.load_file(str(target)), strict=True)
     return target
+
+
+@dataclass(frozen=True)
+class _ExportJob:
+    """One ``hf`` or ``onnx`` export: the student of ``checkpoint`` (loaded, eval mode) of the
+    run ``config`` (``role``: student or baseline), to ``target``; ``val_set`` gives the
+    sample input (its first image) and the class names."""
+
+    config: RunConfig
+    role: str
+    checkpoint: Path
+    target: Path
+    model: nn.Module
+    num_classes: int
+    val_set: Any
+
+    def sample(self) -> torch.Tensor:
+        """The first validation image as the model takes it: ``[1, 3, H, W]`` (segmentation,
+        transformed as for evaluation) or ``[3, H, W]`` in ``[0, 1]`` (detection)."""
+        image = self.val_set[0][0]
+        return image[None] if self.config.task == "segmentation" else image
+
+    def source(self) -> dict[str, Any]:
+        """Where the weights come from: the checkpoint, its step, the run folder."""
+        return {
+            "checkpoint": str(self.checkpoint),
+            "step": _checkpoint_step(self.checkpoint),
+            "run_dir": str(self.config.run_dir),
+        }
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The training step a checkpoint was saved at (``global_step`` of a ``.ckpt``, ``step``
+    in a job's ``.safetensors`` metadata), ``None`` when it does not say."""
+    from ..checkpoints import read_torch_file
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                step = json.loads((handle.metadata() or {}).get("step", "null"))
+        else:
+            step = read_torch_file(path).get("global_step")
+    except Exception:  # only a label of the export: the weights loaded already
+        return None
+    return step if isinstance(step, int) else None
+
+
+def _job_json(config: RunConfig, role: str, name: str) -> dict[str, Any] | None:
+    """The job folder's ``metrics.json`` / ``calibration.json``, ``None`` when absent; an
+    unreadable one is said in a warning and left out."""
+    path = job_dir(config, role) / name
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        logger.warning("%s is unreadable (%s): the model card leaves it out", path, error)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _export_hf(job: _ExportJob) -> Path:
+    """``export(format="hf")``: the folder of :func:`freekd.pipeline.hub.save_pretrained`,
+    reloaded with ``from_pretrained`` as a check."""
+    from ..models import count_parameters
+    from .hub import from_pretrained, model_card, pretrained_config, save_pretrained
+
+    base = getattr(job.val_set, "dataset", job.val_set)
+    names = getattr(base, "class_names", None)
+    sample = job.sample()
+    info = pretrained_config(
+        job.config,
+        job.role,
+        job.num_classes,
+        (int(sample.shape[-2]), int(sample.shape[-1])),
+        list(names) if names is not None else None,
+        job.source(),
+    )
+    calibration = _job_json(job.config, job.role, "calibration.json") or {}
+    card = model_card(
+        info,
+        job.config,
+        _job_json(job.config, job.role, "metrics.json"),
+        calibration.get("mu"),
+        count_parameters(job.model),
+    )
+    save_pretrained(job.model, job.target, info, card, job.config)
+    from_pretrained(job.target)  # the check: it rebuilds offline and loads strictly
+    return job.target
+
+
+def onnx_record(path: str | os.PathLike) -> Path:
+    """The check record written beside an exported ONNX file: ``<file>.json``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.json")
+
+
+def _export_onnx(job: _ExportJob, tolerance: float) -> Path:
+    """``export(format="onnx")``: :func:`freekd.pipeline.onnx_export.export_onnx` on the first
+    validation image, and its record (the check, the model, the input it takes)."""
+    from .._version import __version__
+    from .onnx_export import export_onnx
+
+    sample = job.sample()
+    result = export_onnx(job.model, job.config.task, sample, job.target, tolerance)
+    section = job.config.student
+    record = {
+        **result.to_dict(),
+        "task": job.config.task,
+        "arch": section.arch,
+        "backbone": section.backbone,
+        "num_classes": job.num_classes,
+        "role": job.role,
+        "sample_shape": list(sample.shape),
+        "source": job.source(),
+        "freekd_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    write_json(record, onnx_record(job.target))
+    logger.debug(  # the command line prints it with the file; Python reads the record
+        "ONNX check (%s exporter): onnxruntime vs PyTorch max abs difference %.3g on %s",
+        result.exporter,
+        result.max_abs_diff,
+        result.compared,
+    )
+    return job.target
 
 
 def _written_student(directory: Path, checkpoint: Path) -> Path | None:
