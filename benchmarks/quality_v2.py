@@ -19,12 +19,12 @@ The protocol, every method under the same rules:
 4. **Prompts** (FreeKD variants): stage 1 once per variant on the frozen teacher, reused by
    every ``mu`` and seed; the diagnostic (clean vs re-synthesised task loss, mask saturation,
    relational effective channels) is recorded.
-5. **Calibration**: ``mu0 = freekd.calibrate_weight(...)`` at initialisation (seed 0), so that
+5. **Calibration**: ``mu0 = freekd.calibrate_weight(...)`` at initialization (seed 0), so that
    ``||grad(mu0 * L_kd)|| = ||grad(L_task)||`` on the student's tapped features.
 6. **Sweep**: ``mu in {mu0 / 3, mu0, 3 mu0}`` on seed 0, scored on the selection split; the best
    is each method's ``mu``.
 7. **Seeds**: every method at its ``mu`` on seeds 0..S-1; within a seed all methods share the
-   student initialisation and the batch order. Test-split mIoU, mean +- std and the paired
+   student initialization and the batch order. Test-split mIoU, mean +- std and the paired
    per-seed differences against MSE and CWD ("beats" only when every difference is positive).
 
 Everything is cached under ``--out`` (default ``runs/quality_v2/<preset>``) by its settings, so
@@ -587,7 +587,7 @@ class Student:
 
 
 def build_student(protocol: Protocol, method: Method, seed: int, loss: nn.Module | None) -> Student:
-    """The seed fixes the student's initialisation; projections (and loss parts such as MGD's
+    """The seed fixes the student's initialization; projections (and loss parts such as MGD's
     generator) are initialised from their own seeded stream, so every method's student starts
     from the same weights."""
     torch.manual_seed(seed)
@@ -617,7 +617,7 @@ def _teacher_batch(features: list[Tensor], indices: Tensor) -> list[Tensor]:
 def calibrate(
     protocol: Protocol, method: Method, loss: nn.Module, data: dict, features: list[Tensor]
 ) -> float:
-    """``mu0`` of ``loss`` on the seed-0 student at initialisation, over a few batches."""
+    """``mu0`` of ``loss`` on the seed-0 student at initialization, over a few batches."""
     student = build_student(protocol, method, 0, loss)
     order = batch_order(
         len(data["train"]["images"]), protocol.batch_size, protocol.calibration_batches, 0
@@ -960,6 +960,77 @@ def paired(results: list[dict], name: str, reference: str) -> list[float]:
     ]
 
 
+REFERENCES = ("mse", "cwd", "mgd", "freekd-stable")
+"""The methods every row of a ``--runs`` table is paired against (when they were run)."""
+
+
+def runs_table(results: list[dict], references: Sequence[str] = REFERENCES) -> dict[str, dict]:
+    """The students of ``--runs`` grouped by method and weight factor: per-seed scores, the
+    test mean +- std, and the paired test differences (shared seeds) against each reference
+    method's row with the most seeds."""
+    rows: dict[str, dict] = {}
+    for r in sorted(results, key=lambda r: (r["method"], r["factor"] or 0.0, r["seed"])):
+        label = r["method"] if r["factor"] is None else f"{r['method']} x{r['factor']:.3g}"
+        row = rows.setdefault(
+            label, {"method": r["method"], "factor": r["factor"], "mu": r["mu"], "seeds": {}}
+        )
+        row["seeds"][r["seed"]] = {"selection": r["selection"], "test": r["test"]}
+    for row in rows.values():
+        test = [v["test"] for v in row["seeds"].values()]
+        row["mean"] = statistics.fmean(test)
+        row["std"] = statistics.stdev(test) if len(test) > 1 else 0.0
+    chosen = {}
+    for label, row in rows.items():
+        best = chosen.get(row["method"])
+        if row["method"] in references and (
+            best is None or len(row["seeds"]) > len(rows[best]["seeds"])
+        ):
+            chosen[row["method"]] = label
+    for label, row in rows.items():
+        row["paired"] = {}
+        for reference, other in chosen.items():
+            if other == label:
+                continue
+            shared = sorted(set(row["seeds"]) & set(rows[other]["seeds"]))
+            row["paired"][reference] = {
+                "seeds": shared,
+                "test": [
+                    round(row["seeds"][s]["test"] - rows[other]["seeds"][s]["test"], 3)
+                    for s in shared
+                ],
+            }
+    return rows
+
+
+def runs_markdown(rows: dict[str, dict], references: Sequence[str] = REFERENCES) -> str:
+    """``runs_table`` as a markdown table (test mIoU; selection in parentheses)."""
+    present = [m for m in references if any(r["method"] == m for r in rows.values())]
+    lines = [
+        "| method | mu | test per seed (selection) | test mean ± std | "
+        + " | ".join(f"vs {m} (test, per seed)" for m in present)
+        + " |",
+        "|---|---|---|---|" + "---|" * len(present),
+    ]
+    for label, row in rows.items():
+        seeds = ", ".join(
+            f"s{s}: {v['test']:.2f} ({v['selection']:.2f})" for s, v in row["seeds"].items()
+        )
+        cells = []
+        for m in present:
+            pair = row["paired"].get(m)
+            diffs = pair["test"] if pair else []
+            cells.append(
+                f"{verdict(diffs)} ({', '.join(f'{d:+.2f}' for d in diffs)})" if diffs else ""
+            )
+        mu = "" if row["factor"] is None else f"{row['mu']:.3g}"
+        lines.append(
+            f"| {label} | {mu} | {seeds} | {row['mean']:.2f} ± {row['std']:.2f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def verdict(differences: list[float]) -> str:
     if not differences:
         return "n/a"
@@ -968,6 +1039,43 @@ def verdict(differences: list[float]) -> str:
     if all(d < 0 for d in differences):
         return "loses"
     return "within noise"
+
+
+def protocol_record(bench: Bench) -> dict[str, Any]:
+    """What the results depend on: data, models, schedule, splits, machine."""
+    protocol = bench.protocol
+    plateau = (
+        bench.plateau() if protocol.student_steps is None else {"fixed": protocol.student_steps}
+    )
+    return {
+        "task": "segmentation",
+        "preset": bench.preset,
+        "image_size": protocol.image_size,
+        "distilled_maps": bench.sizes,
+        "wavelet_levels": bench.levels,
+        "taps": list(protocol.taps),
+        "teacher": f"smp FPN {protocol.teacher_encoder}, pyramid {protocol.teacher_pyramid}",
+        "student": f"smp FPN {protocol.student_encoder}, pyramid {protocol.student_pyramid}",
+        "projection": "always (1x1 conv per layer)",
+        "initialization": "from scratch (no pretrained weights)",
+        "student_steps": bench.student_steps(),
+        "batch_size": protocol.batch_size,
+        "optimizer": (
+            f"AdamW lr {protocol.lr}, weight decay {protocol.weight_decay}, "
+            f"{protocol.warmup_steps} warm-up steps, cosine to 0"
+        ),
+        "prompt_steps": protocol.prompt_steps,
+        "plateau": plateau,
+        "seeds": list(protocol.seeds),
+        "mu_factors": list(protocol.mu_factors),
+        "splits": {
+            "train": f"{protocol.train_scenes} scenes, train digit pool, scene seed 0",
+            "selection": f"{protocol.selection_scenes} scenes, train digit pool, scene seed 1",
+            "test": f"{protocol.test_scenes} scenes, val digit pool (disjoint digits)",
+        },
+        "machine": machine(),
+        "torch": torch.__version__,
+    }
 
 
 def summary(bench: Bench, chosen: dict, seeds: list[dict], ablations: list[dict]) -> dict:
@@ -1004,39 +1112,8 @@ def summary(bench: Bench, chosen: dict, seeds: list[dict], ablations: list[dict]
         if METHODS[name].kind == "freekd":
             _, record = bench.prompts(name)
             diagnostics[name] = record
-    plateau = (
-        bench.plateau() if protocol.student_steps is None else {"fixed": protocol.student_steps}
-    )
     return {
-        "protocol": {
-            "task": "segmentation",
-            "preset": bench.preset,
-            "image_size": protocol.image_size,
-            "distilled_maps": bench.sizes,
-            "wavelet_levels": bench.levels,
-            "taps": list(protocol.taps),
-            "teacher": f"smp FPN {protocol.teacher_encoder}, pyramid {protocol.teacher_pyramid}",
-            "student": f"smp FPN {protocol.student_encoder}, pyramid {protocol.student_pyramid}",
-            "projection": "always (1x1 conv per layer)",
-            "initialisation": "from scratch (no pretrained weights)",
-            "student_steps": bench.student_steps(),
-            "batch_size": protocol.batch_size,
-            "optimizer": (
-                f"AdamW lr {protocol.lr}, weight decay {protocol.weight_decay}, "
-                f"{protocol.warmup_steps} warm-up steps, cosine to 0"
-            ),
-            "prompt_steps": protocol.prompt_steps,
-            "plateau": plateau,
-            "seeds": list(protocol.seeds),
-            "mu_factors": list(protocol.mu_factors),
-            "splits": {
-                "train": f"{protocol.train_scenes} scenes, train digit pool, scene seed 0",
-                "selection": f"{protocol.selection_scenes} scenes, train digit pool, scene seed 1",
-                "test": f"{protocol.test_scenes} scenes, val digit pool (disjoint digits)",
-            },
-            "machine": machine(),
-            "torch": torch.__version__,
-        },
+        "protocol": protocol_record(bench),
         "teacher_score": bench.teacher_record,
         "methods": methods,
         "paired": pairs,
@@ -1150,7 +1227,18 @@ def plots(result: dict, folder: Path) -> list[Path]:
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    return f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} cores"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux): results differ between models in the
+    last bits, so a retrained teacher on another machine is another teacher."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
 
 
 def _progress(label: str, step: int, total: int, start: float, loss: Tensor) -> None:
@@ -1280,12 +1368,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.runs is not None:
         jobs = [bench.run(name, factor, seed) for name, factor, seed in args.runs]
         results = bench.execute(jobs)
-        for r in sorted(results, key=lambda r: (r["method"], r["seed"], r["factor"] or 0)):
-            print(
-                f"{r['method']:24s} factor {r['factor']} seed {r['seed']}: selection "
-                f"{r['selection']:.2f}, test {r['test']:.2f}"
-            )
-        return {"runs": results}
+        table = runs_table(results)
+        text = runs_markdown(table)
+        (args.out / "runs.md").write_text(text)
+        result = {
+            "protocol": protocol_record(bench),
+            "teacher_score": bench.teacher_record,
+            "runs": results,
+            "table": table,
+        }
+        if args.results:
+            args.results.parent.mkdir(parents=True, exist_ok=True)
+            _write_json(result, args.results)
+        print(text)
+        return result
     if args.phase == "prompts":
         for name in (*bench.protocol.methods, *bench.protocol.ablations):
             bench.prompts(name)

@@ -186,3 +186,36 @@ def test_v2_smoke_run_writes_the_results_and_reuses_the_cache(quality_v2, tmp_pa
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*seed*.json")} == {
         p: t for p, t in stamps.items() if "seed" in p.name
     }
+
+
+def test_v2_runs_table_pairs_each_row_with_the_references_on_shared_seeds(quality_v2):
+    def run(method, factor, seed, test):
+        return {
+            "method": method,
+            "factor": factor,
+            "mu": factor,
+            "seed": seed,
+            "selection": 0.0,
+            "test": test,
+        }
+
+    results = [
+        run("mse", 1.0, 0, 50.0),
+        run("mse", 1.0, 1, 40.0),
+        run("mse", 3.0, 0, 45.0),  # one seed: not the reference row
+        run("mgd", 1 / 3, 0, 52.0),
+        run("mgd", 1 / 3, 1, 39.0),
+        run("freekd-stable", 1.0, 1, 41.5),
+        run("none", None, 0, 30.0),
+    ]
+    table = quality_v2.runs_table(results)
+    assert set(table) == {"mse x1", "mse x3", "mgd x0.333", "freekd-stable x1", "none"}
+    assert table["mgd x0.333"]["paired"]["mse"] == {"seeds": [0, 1], "test": [2.0, -1.0]}
+    assert table["mse x3"]["paired"]["mse"] == {"seeds": [0], "test": [-5.0]}
+    assert "mse" not in table["mse x1"]["paired"]
+    assert table["freekd-stable x1"]["paired"]["mgd"] == {"seeds": [1], "test": [2.5]}
+    assert table["none"]["paired"]["freekd-stable"] == {"seeds": [], "test": []}
+    assert table["mse x1"]["mean"] == 45.0 and table["none"]["std"] == 0.0
+    text = quality_v2.runs_markdown(table)
+    assert "| mgd x0.333 | 0.333 | s0: 52.00 (0.00), s1: 39.00 (0.00) | 45.50 ± 9.19 |" in text
+    assert "within noise (+2.00, -1.00)" in text and "beats (+2.50)" in text
