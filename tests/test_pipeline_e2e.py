@@ -49,9 +49,10 @@ def demo_run(tmp_path_factory) -> Path:
         "demo", "--quick", "--run-dir", run_dir, "--device", "cpu", *sets(TINY_SEGMENTATION)
     )
     assert result.exit_code == 0, result.output
-    for row in ("teacher", "no distillation", "MSE (FitNet)", "FreeKD"):
+    for row in ("teacher", "no distillation", "MSE (FitNet)", "MGD", "FreeKD"):
         assert row in result.output
-    assert "over no distillation" in result.output and "over MSE" in result.output
+    for reference in ("over no distillation", "over MSE", "over MGD"):
+        assert reference in result.output
     return run_dir
 
 
@@ -73,6 +74,7 @@ def test_demo_run_folder(demo_run):
         ("teacher", "teacher.safetensors"),
         ("student_baseline", "student.safetensors"),
         ("student_mse", "student.safetensors"),
+        ("student_mgd", "student.safetensors"),
         ("prompts", "prompts.safetensors"),
         ("student_freekd", "student.safetensors"),
     ):
@@ -80,13 +82,19 @@ def test_demo_run_folder(demo_run):
         assert (demo_run / folder / "checkpoints" / "last.ckpt").is_file()
         assert list((demo_run / folder / "logs").glob("version_*/metrics.csv"))
     summary = json.loads((demo_run / "metrics.json").read_text())
-    assert [row["role"] for row in summary["rows"]] == ["teacher", "baseline", "mse", "student"]
+    roles = [row["role"] for row in summary["rows"]]
+    assert roles == ["teacher", "baseline", "mse", "mgd", "student"]
     assert summary["metric"] == "mIoU"
     assert all(0 <= row["value"] <= 100 for row in summary["rows"])
     assert len({row["parameters"] for row in summary["rows"][1:]}) == 1  # the same student
-    # mu: auto calibrated both distillation weights at initialization
-    for folder in ("student_mse", "student_freekd"):
-        assert json.loads((demo_run / folder / "calibration.json").read_text())["mu"] > 0
+    # mu: auto calibrated every distillation weight at initialization; MGD's is a third of it
+    calibrations = {
+        folder: json.loads((demo_run / folder / "calibration.json").read_text())
+        for folder in ("student_mse", "student_mgd", "student_freekd")
+    }
+    assert all(calibration["mu"] > 0 for calibration in calibrations.values())
+    mgd = calibrations["student_mgd"]
+    assert mgd["mu_factor"] == pytest.approx(1 / 3) and mgd["mu"] == pytest.approx(mgd["mu0"] / 3)
 
 
 def test_student_loads_strictly_into_the_plain_model(demo_run):
@@ -169,7 +177,7 @@ def test_evaluate_and_visualize(demo_run, tmp_path):
     assert "val image 1" in text["Title"] and text["freekd:colorbar"] == "mask value"
 
 
-@pytest.mark.parametrize("method", ["mgd", "frequency"])
+@pytest.mark.parametrize("method", ["cwd", "frequency"])  # mse and mgd: the demo
 def test_distill_with_a_baseline_method(demo_run, method):
     config = demo_run / "config.yaml"
     result = invoke("distill", "-c", config, *sets([f"distill.method={method}"]))
@@ -196,7 +204,7 @@ def test_demo_refuses_a_used_folder_and_resumes(demo_run):
     assert again.exit_code == 2 and "--resume" in again.stderr
     resumed = invoke("demo", "--quick", "--run-dir", demo_run, "--resume", *sets(TINY_SEGMENTATION))
     assert resumed.exit_code == 0, resumed.output
-    assert resumed.output.count("already done") == 5
+    assert resumed.output.count("already done") == 6  # teacher, baseline, MSE, MGD, prompts, FreeKD
 
 
 def test_subcommands_on_tiny_detection(tmp_path):

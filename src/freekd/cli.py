@@ -760,10 +760,11 @@ def demo_command(
 ) -> None:
     """Run the whole pipeline on the built-in digit scenes and print a table.
 
-    Trains a teacher and a baseline student, tunes the prompts, distills a FreeKD student with
-    the baseline's settings, and scores the three (mIoU or COCO AP, parameter counts). CPU by
-    default, a GPU when present. The run folder holds config.yaml, metrics.json, masks.png and
-    teacher/, student_baseline/, prompts/, student_freekd/ with logs and checkpoints. About 12
+    Trains a teacher, a student alone and students distilled with MSE and MGD, tunes the
+    prompts, distills a FreeKD student with the same settings, and scores the five (mIoU or COCO
+    AP, parameter counts). CPU by default, a GPU when present. The run folder holds config.yaml,
+    metrics.json, masks.png and teacher/, student_baseline/, student_mse/, student_mgd/,
+    prompts/, student_freekd/ with logs and checkpoints. About 12
     minutes on a 2-core CPU for segmentation (--quick: under 3).
     """
 
